@@ -11,7 +11,7 @@ import datetime as _dt
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from catalog import vocab
@@ -213,13 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true")
     p.set_defaults(func=cmd_schema)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from catalog import cli_measure  # noqa: PLC0415 - it imports helpers from this module
+
+    cli_measure.register(sub)
     return parser
-
-
-# Later commands (run, bench, site, ...) register themselves here from their own modules.
-_EXTRA_COMMANDS: list[Callable] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -79,7 +79,9 @@ TRAININGS: dict[str, str] = {
     "sparsity_loss": "a sparsity or compute-budget regularizer",
     "distillation": "knowledge distillation",
     "multi_stage": "several training stages (e.g. supernet, then gates)",
+    "load_balancing": "auxiliary losses that balance the load over experts or branches",
     "training_free": "no policy training (heuristics, fixed patterns or thresholds)",
+    "unknown": "not established from the sources read",
     "none": "not applicable (surveys)",
 }
 
@@ -122,5 +124,5 @@ QUANTITIES: dict[str, str] = {
 
 FRAMEWORKS: tuple[str, ...] = (
     "pytorch", "tensorflow", "jax", "chainer", "caffe", "matconvnet", "theano", "torch-lua", "mxnet",
-    "paddle", "other",
+    "paddle", "mindspore", "other",
 )
