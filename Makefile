@@ -1,14 +1,18 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
-#   make run    create the virtual environment, install, and run the main job
+#   make run    create the virtual environment, install, and run the main job (ends serving the site)
 #   make test   create the virtual environment, install, and run the whole test suite
+# The documentation site:
+#   make site   set up, re-measure missing or stale results (CPU), build site_build/ (exits 1 on failure)
+#   make serve  the same, then serve site_build/ on http://127.0.0.1:$(PORT)/
 # torch is installed first with its pin (a plain `torch` requirement pulls a multi-GB CUDA build).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PORT   ?= 8000
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean site serve
 
 setup: $(STAMP)
 
@@ -20,6 +24,7 @@ $(STAMP): pyproject.toml
 
 run: setup
 	$(PY) -m catalog list
+	$(PY) -m catalog site --serve --port $(PORT)
 
 lint: setup
 	$(VENV)/bin/ruff check catalog implementations kernels tests benchmarks
@@ -28,6 +33,12 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+site: setup
+	$(PY) -m catalog site
+
+serve: setup
+	$(PY) -m catalog site --serve --port $(PORT)
 
 clean:
 	rm -rf $(VENV) build site_build .pytest_cache .ruff_cache .hypothesis

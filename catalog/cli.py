@@ -213,9 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true")
     p.set_defaults(func=cmd_schema)
 
-    from catalog import cli_measure  # noqa: PLC0415 - it imports helpers from this module
+    from catalog import cli_measure  # noqa: PLC0415 - these import helpers from this module
+    from catalog.site import cli as site_cli  # noqa: PLC0415
 
     cli_measure.register(sub)
+    site_cli.register(sub)
     return parser
 
 
