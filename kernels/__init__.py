@@ -4,3 +4,14 @@ Each op has plain-PyTorch reference semantics, a fake implementation, a register
 path that really skips work and a Triton path on CUDA; ``kernels._backend`` picks between them.
 Importing registers the ops; it never imports Triton or queries a device.
 """
+
+from kernels.routed import routed_linear, routed_linear_macs  # noqa: E402,F401
+from kernels.sliced import sliced_conv2d, sliced_conv2d_macs, sliced_linear, sliced_linear_macs  # noqa: E402,F401
+from kernels.tokens import (  # noqa: E402,F401
+    gather_tokens,
+    pack_tokens,
+    packed_attention,
+    packed_attention_macs,
+    scatter_tokens,
+    unpack_tokens,
+)

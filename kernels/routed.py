@@ -1,0 +1,196 @@
+"""``routed_linear``: one linear map per row, chosen by a route (the grouped GEMM behind MoE).
+
+Row ``t`` of the result is ``weight[route[t]] @ x[t] (+ bias[route[t]])``: mixture-of-experts layers,
+branch selection and per-sample routing in CNNs all reduce to this.
+
+Paths (picked by ``kernels._backend.resolve``):
+
+- ``reference``: gathers one weight matrix per row and runs a batched matrix-vector product; the
+  oracle (memory ``T x Cout x Cin``: small inputs only).
+- ``cpu``: a plain-PyTorch grouped GEMM that runs on any device: a stable sort of the rows by route,
+  then per non-empty expert a row gather, one ``addmm`` and a row scatter into the output. One
+  row-gather and one row-scatter over a dense matmul; ``counts.tolist()`` is a host sync on CUDA.
+- ``triton``: a grouped GEMM with every expert behind one weight pointer ``W[E, Cout, Cin]``; rows are
+  sorted by expert on the device and each program looks its ``(expert, row_start)`` tile up from the
+  per-expert offsets (tiles padded per expert to ``BLOCK_M``), gathering its rows of ``x`` in the
+  operand loads and scattering the result in the epilogue. No pointer arrays, so it also runs under
+  ``TRITON_INTERPRET=1``. Needs float16, bfloat16 (not in the interpreter) or float32; fp32 accumulation.
+
+Every path executes ``T x Cout x Cin`` MACs; the registered flop formula reports twice that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from kernels import _backend
+from kernels._checks import (
+    FLOAT_DTYPES,
+    check_range,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+)
+
+ROUTE_DTYPES = (torch.int32, torch.int64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def routed_linear_macs(tokens: int, in_features: int, out_features: int) -> int:
+    """MACs of ``routed_linear`` on ``tokens`` rows: one ``Cout x Cin`` matrix-vector product per row."""
+    return int(tokens) * int(out_features) * int(in_features)
+
+
+def _reference(x: Tensor, route: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Oracle: gather each row's matrix ``(T, Cout, Cin)`` and multiply; exactly T x Cout x Cin MACs."""
+    w = weight.index_select(0, route.long())
+    y = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
+    if bias is not None:
+        y = y + bias.index_select(0, route.long())
+    return y
+
+
+def _grouped(x: Tensor, route: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Per expert: gather its rows, one (add)mm, scatter the result rows back.
+
+    x (T, Cin), route (T,), weight (E, Cout, Cin) (any strides), bias (E, Cout) or None -> (T, Cout).
+    Rows are ordered by a stable sort of the routes; each expert's gathered block is small enough to stay
+    in cache between the gather, the GEMM and the scatter (measured faster on CPU than gathering all
+    rows into one sorted copy and unsorting it afterwards).
+    """
+    tokens, experts, out_features = x.shape[0], weight.shape[0], weight.shape[1]
+    if tokens == 0:
+        return x.new_empty(0, out_features)
+    counts = torch.bincount(route, minlength=experts).tolist()
+    busiest = max(range(experts), key=counts.__getitem__)
+    if counts[busiest] == tokens:  # one expert takes every row: no permutation at all
+        return F.linear(x, weight[busiest], None if bias is None else bias[busiest])
+    order = torch.argsort(route, stable=True)
+    out = x.new_empty(tokens, out_features)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = order[start : start + n]
+        xe = x.index_select(0, rows)
+        ye = torch.mm(xe, weight[e].t()) if bias is None else torch.addmm(bias[e], xe, weight[e].t())
+        out.index_copy_(0, rows, ye)
+        start += n
+    return out
+
+
+def _run(x: Tensor, route: Tensor, weight: Tensor, bias: Tensor | None, path: str) -> Tensor:
+    if path == "reference":
+        return _reference(x, route, weight, bias)
+    if path == "triton":
+        from kernels import _triton_routed  # noqa: PLC0415 - Triton only when its path runs
+
+        return _triton_routed.routed_linear(x, route, weight, bias)
+    if path in ("cpu", "dense"):
+        return _grouped(x, route, weight, bias)
+    raise ValueError(f"path: unknown routed_linear path {path!r}")
+
+
+@torch.library.custom_op("dynnet::routed_linear", mutates_args=())
+def _routed_linear_op(x: Tensor, route: Tensor, weight: Tensor, bias: Tensor | None, path: str) -> Tensor:
+    """x (T, Cin), route (T,), weight (E, Cout, Cin), bias (E, Cout) or None -> (T, Cout)."""
+    return _run(x, route, weight, bias, path)
+
+
+@_routed_linear_op.register_fake
+def _(x: Tensor, route: Tensor, weight: Tensor, bias: Tensor | None, path: str) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, route, weight, bias, path = inputs
+    ctx.save_for_backward(x, route, weight)
+    ctx.path = path
+    ctx.has_bias = bias is not None
+
+
+def weight_grad(x: Tensor, grad_out: Tensor, route: Tensor, experts: int) -> Tensor:
+    """Per-expert ``grad_out_e^T @ x_e``: x (T, Cin), grad_out (T, Cout) -> (E, Cout, Cin)."""
+    grad_w = x.new_zeros(experts, grad_out.shape[1], x.shape[1])
+    if x.shape[0] == 0:
+        return grad_w
+    order = torch.argsort(route, stable=True)
+    xs, gs = x.index_select(0, order), grad_out.index_select(0, order)
+    start = 0
+    for e, n in enumerate(torch.bincount(route, minlength=experts).tolist()):
+        if n:
+            torch.mm(gs[start : start + n].t(), xs[start : start + n], out=grad_w[e])
+            start += n
+    return grad_w
+
+
+def _backward(ctx, grad_out: Tensor):
+    x, route, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.dynnet.routed_linear(grad_out, route, weight.transpose(1, 2), None, ctx.path)
+    if ctx.needs_input_grad[2]:
+        grad_w = weight_grad(x, grad_out, route, weight.shape[0])
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_b = grad_out.new_zeros(weight.shape[0], weight.shape[1]).index_add_(0, route.long(), grad_out)
+    return grad_x, None, grad_w, grad_b, None
+
+
+_routed_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.dynnet.routed_linear, get_raw=True)
+def _routed_linear_flops(x, route, weight, bias=None, path="cpu", *args, out_val=None, **kwargs) -> int:
+    """FlopCounterMode's unit: 2 x MACs, from shapes only (every path runs T x Cout x Cin MACs)."""
+    return 2 * routed_linear_macs(x.shape[0], weight.shape[2], weight.shape[1])
+
+
+def _validate(x: Tensor, route: Tensor, weight: Tensor, bias: Tensor | None, check_values: bool) -> None:
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("route", route, ndim=1, dtypes=ROUTE_DTYPES)
+    check_tensor("weight", weight, ndim=3, dtypes=FLOAT_DTYPES)
+    tokens, in_features = x.shape
+    experts, out_features = weight.shape[0], weight.shape[1]
+    check_shape("route", route, (tokens,), "one route per row of x")
+    check_shape("weight", weight, (None, None, in_features), f"x with {in_features} input features")
+    if experts == 0:
+        raise ValueError("weight: expected at least one expert (E >= 1), got E = 0")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=2, dtypes=FLOAT_DTYPES)
+        check_shape("bias", bias, (experts, out_features), "weight (E, Cout)")
+    check_same_dtype([("x", x), ("weight", weight), ("bias", bias)])
+    check_same_device([("x", x), ("route", route), ("weight", weight), ("bias", bias)])
+    if check_values:
+        check_range("route", route, 0, experts)
+
+
+def routed_linear(
+    x: Tensor,
+    route: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    backend: str | None = None,
+    *,
+    check_values: bool = True,
+) -> Tensor:
+    """Row ``t`` is ``weight[route[t]] @ x[t] (+ bias[route[t]])``.
+
+    x (T, Cin) float, route (T,) int32/int64 in [0, E), weight (E, Cout, Cin), bias (E, Cout) or
+    None -> (T, Cout). ``backend``: reference | cpu | triton | auto (else ``DYNNET_KERNEL_BACKEND``).
+    ``check_values=False`` skips the range check of ``route`` (one host sync on CUDA); out-of-range
+    routes then give undefined rows (or a device fault) instead of a ValueError.
+    """
+    _validate(x, route, weight, bias, check_values)
+    asked = _backend.requested(backend)
+    path = _backend.resolve(backend, x.device)
+    if path == "triton" and x.dtype not in TRITON_DTYPES:
+        if asked == "triton":
+            raise TypeError(f"x: the triton path supports float16, bfloat16 and float32, got {x.dtype}")
+        path = "cpu"
+    if path == "triton" and x.dtype == torch.bfloat16 and _backend.interpreting():
+        raise TypeError("x: bfloat16 is not supported under TRITON_INTERPRET=1")
+    return torch.ops.dynnet.routed_linear(x, route, weight, bias, path)
