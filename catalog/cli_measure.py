@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from catalog.cli import UsageError, _console, _entry, _load
@@ -140,8 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import Progress  # noqa: PLC0415
 
-    from catalog import knobs, results  # noqa: PLC0415
-    from catalog.measure import code_hash, load_module, measure  # noqa: PLC0415
+    from catalog.measure import bench_entry  # noqa: PLC0415
 
     entries = _load()
     if args.all:
@@ -150,7 +150,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         chosen = [_entry(entries, name) for name in args.ids]
     else:
         raise UsageError("give entry ids or --all")
+    if any(b < 1 for b in args.batch_sizes):
+        raise UsageError(f"--batch-sizes: must be >= 1, got {args.batch_sizes}")
     device = _device(args.device)
+    root = Path(args.results_dir) if args.results_dir else None
     console = _console(stderr=True)
     failures: list[str] = []
     written = []
@@ -159,14 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for entry in chosen:
             progress.update(task, description=f"bench {entry.id}")
             try:
-                module = load_module(entry)
-                rows = []
-                for point in entry.implementation.operating_points:
-                    cfg = knobs.apply(module.Config, point.knobs)
-                    for batch in args.batch_sizes:
-                        row = measure(module, cfg, batch, device, seed=args.seed, min_time_s=args.min_time)
-                        rows.append({"operating_point": point.name, "operating_point_source": point.source, **row})
-                written.append(results.write(results.record(entry.id, code_hash(entry), rows)))
+                written.append(bench_entry(entry, root, device, tuple(args.batch_sizes), args.seed, args.min_time))
             except Exception as exc:  # noqa: BLE001 - one failing entry must not stop the others
                 failures.append(f"{entry.id}: {type(exc).__name__}: {exc}")
                 progress.console.print(f"FAILED {entry.id}: {type(exc).__name__}: {exc}", markup=False)
@@ -201,4 +197,5 @@ def register(sub) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-time", type=float, default=2.0)
+    p.add_argument("--results-dir", help="write here instead of catalog/results/ (for trials)")
     p.set_defaults(func=cmd_bench)

@@ -150,6 +150,23 @@ def measure(module: ModuleType, cfg: Any, batch_size: int, device: str | torch.d
     }
 
 
+def bench_entry(entry: Any, results_root: Path | None = None, device: str | torch.device = "cpu",
+                batch_sizes: tuple[int, ...] = (1, 8), seed: int = 0, min_time_s: float = 2.0) -> Path:
+    """What ``python -m catalog bench <id>`` does for one entry: every operating point x batch size,
+    written as one result document (atomically) under `results_root`. Returns the file written."""
+    from catalog import results  # noqa: PLC0415
+
+    module = load_module(entry)
+    rows = []
+    for point in entry.implementation.operating_points:
+        cfg = operating_point_config(module, point.knobs)
+        for batch in batch_sizes:
+            row = measure(module, cfg, batch, device, seed=seed, min_time_s=min_time_s)
+            rows.append({"operating_point": point.name, "operating_point_source": point.source, **row})
+    document = results.record(entry.id, code_hash(entry), rows)
+    return results.write(document, results_root or results.RESULTS_DIR)
+
+
 def _jsonable(value: Any) -> Any:
     """Decision summaries may hold tensors or numpy values; make them JSON-friendly."""
     if isinstance(value, Mapping):

@@ -11,8 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from catalog import results
-
 BenchRunner = Callable[[Any, Path], Path]
 
 
@@ -36,18 +34,11 @@ def bench_defaults() -> dict[str, Any]:
 def bench_entry(entry: Any, results_root: Path, device: str = "cpu",
                 settings: dict[str, Any] | None = None) -> Path:
     """What ``python -m catalog bench <id>`` does for one entry, writing under `results_root`."""
-    from catalog import knobs  # noqa: PLC0415
-    from catalog.measure import code_hash, load_module, measure  # noqa: PLC0415
+    from catalog.measure import bench_entry as run_bench  # noqa: PLC0415
 
     settings = settings or bench_defaults()
-    module = load_module(entry)
-    rows = []
-    for point in entry.implementation.operating_points:
-        cfg = knobs.apply(module.Config, point.knobs)
-        for batch in settings["batch_sizes"]:
-            row = measure(module, cfg, batch, device, seed=settings["seed"], min_time_s=settings["min_time"])
-            rows.append({"operating_point": point.name, "operating_point_source": point.source, **row})
-    return results.write(results.record(entry.id, code_hash(entry), rows), results_root)
+    return run_bench(entry, results_root, device, tuple(settings["batch_sizes"]), settings["seed"],
+                     settings["min_time"])
 
 
 def refresh(entries: list[Any], hashes: dict[str, str | None], docs_by_id: dict[str, list[dict]],
