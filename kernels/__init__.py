@@ -15,3 +15,7 @@ from kernels.tokens import (  # noqa: E402,F401
     scatter_tokens,
     unpack_tokens,
 )
+
+# isort: split
+from kernels.block_conv import block_conv2d, block_conv2d_macs, reduce_mask  # noqa: E402,F401
+from kernels.sparse_conv import conv2d_macs, sparse_conv2d, sparse_conv2d_macs  # noqa: E402,F401
