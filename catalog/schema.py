@@ -209,7 +209,7 @@ class Implementation(Strict):
     module: ModulePath | None = None
     kernels: list[Literal[
         "sparse_conv2d", "block_conv2d", "routed_linear", "gather_tokens", "scatter_tokens",
-        "pack_tokens", "unpack_tokens", "sliced_conv2d", "sliced_linear",
+        "pack_tokens", "unpack_tokens", "packed_attention", "sliced_conv2d", "sliced_linear",
     ]] = []
     operating_points: list[OperatingPoint] = []
     deviations: list[Text] = []
