@@ -41,10 +41,13 @@ def _point(entry, name: str | None):
     raise UsageError(f"--point: {entry.id} has no operating point {name!r}; known: {known}")
 
 
-def _config(module, entry, point_name: str | None, assignments: list[str]):
+def _config(module, entry, point_name: str | None, assignments: list[str], train: bool = False):
+    """The Config to run: the operating point (the first unless named) plus `--set`. With `--train` and
+    no `--point`, the module's default Config (sized for the digits), since operating points may be
+    ImageNet-sized backbones that would take hours to train on a CPU."""
     from catalog import knobs  # noqa: PLC0415
 
-    point = _point(entry, point_name)
+    point = None if train and point_name is None else _point(entry, point_name)
     try:
         cfg = knobs.apply(module.Config, dict(point.knobs) if point else {})
     except knobs.KnobError as exc:
@@ -52,7 +55,8 @@ def _config(module, entry, point_name: str | None, assignments: list[str]):
     try:
         return knobs.apply(module.Config, knobs.parse_assignments(assignments), base=cfg), point
     except knobs.KnobError as exc:
-        raise UsageError(f"--set {exc}") from None
+        message = str(exc)
+        raise UsageError(message if message.startswith("--set") else f"--set {message}") from None
 
 
 def _fmt_macs(value: float) -> str:
@@ -92,7 +96,8 @@ def print_measurement(entry, result: dict, console) -> None:
     console.print(f"device: {env['device_name']} | threads {env['threads']} | torch {env['torch']} | "
                   f"commit {env['commit'][:12]} | {env['date']}", markup=False)
     config = ", ".join(f"{k}={v}" for k, v in result["config"].items())
-    console.print(f"config: {config}", markup=False)
+    where = f"operating point {result['operating_point']}" if result.get("operating_point") else "default Config"
+    console.print(f"config ({where}): {config}", markup=False)
     if result.get("decisions"):
         console.print("decisions taken:", markup=False)
         for key, value in result["decisions"].items():
@@ -113,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         module = load_module(entry)
     except ImplementationError as exc:
         raise UsageError(str(exc)) from None
-    cfg, point = _config(module, entry, args.point, args.set or [])
+    cfg, point = _config(module, entry, args.point, args.set or [], train=args.train)
     console = _console(stderr=args.json)
     trained = None
     if args.train:
@@ -184,7 +189,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a Config knob (repeatable)")
     p.add_argument("--point", help="start from this operating point of the entry (default: the first)")
-    p.add_argument("--train", action="store_true", help="short training on scikit-learn digits first")
+    p.add_argument("--train", action="store_true", help="short training on scikit-learn digits first (on the default Config unless --point)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per model (default 1)")

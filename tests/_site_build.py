@@ -20,6 +20,7 @@ FIXTURE_DEVICE = "Fixture CPU 9000"
 MALICIOUS_ID = "malicious_entry"
 BROKEN_ID = "broken_method"
 PWNED = "window.__pwned"
+FIGURE_ID = "sbnet"  # the one real decision figure drawn by the session build (a fast one)
 
 FIXTURE_ROWS = [
     {"operating_point": "paper_point", "batch_size": 1, "macs_dense": 4_089_000_000.0,
@@ -115,7 +116,7 @@ def build_once(tmp_root: Path) -> dict[str, Any]:
     results_root = tmp_root / "results"  # fixture results only: the stored ones belong to other tests
     write_fixture_result(fixture, results_root)
     opts = Options(docs_dir=tmp_root / "docs", site_dir=tmp_root / "site", results_root=results_root,
-                   bench=False)
+                   bench=False, figures=frozenset({FIGURE_ID}), figures_cache=None)
     report = generate([*entries, fixture, evil], opts)
     _BUILT.update(report=report, entries=entries, fixture=fixture, evil=evil, site=opts.site_dir,
                   docs=opts.docs_dir)

@@ -12,6 +12,7 @@ import markdown
 import pytest
 from _site_build import (
     BROKEN_ID,
+    FIGURE_ID,
     FIXTURE_DEVICE,
     FIXTURE_ID,
     FIXTURE_ROWS,
@@ -303,3 +304,46 @@ def test_mkdocs_strict_build_of_the_real_catalog(built):
     title = re.search(r"<title>(.*?)</title>", evil_html, re.S).group(1)
     assert "<" not in title and ">" not in title
     assert "granularity/layer" in (site / "tags" / "index.html").read_text()
+
+
+def test_decision_figure_is_drawn_into_the_method_page(built):
+    entry = next(e for e in built["entries"] if e.id == FIGURE_ID)
+    page = (built["site"] / entry.taxonomy.category / entry.id / "index.html").read_text()
+    assert "Decisions on a real image" in page and f"{FIGURE_ID}-decisions.png" in page
+    png = built["site"] / "plots" / "methods" / f"{FIGURE_ID}-decisions.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_decision_figures_are_cached_by_code_hash_and_failures_shown(tmp_path, entries, monkeypatch):
+    from types import SimpleNamespace
+
+    from catalog import measure
+    from catalog.site.plots import _pyplot
+
+    entry = next(e for e in entries if e.id == FIGURE_ID)
+    calls = []
+
+    def draw():
+        """A square."""
+        calls.append(1)
+        fig, ax = _pyplot().subplots(figsize=(1, 1))
+        ax.imshow([[0, 1], [1, 0]])
+        return fig
+
+    monkeypatch.setattr(measure, "load_module", lambda e: SimpleNamespace(decision_figure=draw))
+    cache = tmp_path / "cache"
+    for run in ("first", "second"):
+        docs, report = _generate(tmp_path / run, [entry], figures=True, figures_cache=cache)
+        assert report.ok, report.failures
+        assert "A square." in (docs / context.method_page(entry)).read_text()
+        assert (docs / "plots" / "methods" / f"{FIGURE_ID}-decisions.png").is_file()
+    assert len(calls) == 1 and len(list(cache.glob(f"{FIGURE_ID}-*.png"))) == 1
+
+    def broken():
+        raise RuntimeError("no photo today")
+
+    monkeypatch.setattr(measure, "load_module", lambda e: SimpleNamespace(decision_figure=broken))
+    docs, report = _generate(tmp_path / "broken", [entry], figures=True, figures_cache=None)
+    assert "cannot draw the decision figure" in report.failures[FIGURE_ID]
+    page = (docs / context.method_page(entry)).read_text()
+    assert "no photo today" in page and "Decisions on a real image" not in page

@@ -10,6 +10,7 @@ everything else is still built.
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ SITE_SRC = REPO_ROOT / "site"
 MKDOCS_YML = REPO_ROOT / "mkdocs.yml"
 DEFAULT_DOCS = REPO_ROOT / "build" / "docs"
 DEFAULT_SITE = REPO_ROOT / "site_build"
+DEFAULT_FIGURES = REPO_ROOT / "build" / "figures"
 MARKER = ".catalog-generated"
 
 
@@ -43,6 +45,9 @@ class Options:
     results_root: Path = results.RESULTS_DIR
     bench: bool = True
     mkdocs: bool = True
+    # run implementations' decision_figure() (a model on a real photo): all, none, or these ids
+    figures: bool | frozenset[str] = True
+    figures_cache: Path | None = DEFAULT_FIGURES  # drawn figures by id and code hash (None: no cache)
     runner: refresh.BenchRunner | None = None  # default: catalog bench on CPU, in this process
     plotter: Callable[[str], Callable[[Path, Path], Any]] = plots.benchmark_plotter
 
@@ -163,6 +168,43 @@ def _latency_plot(entry: Any, index: int, doc: dict, opts: Options, report: Repo
     return f"../plots/methods/{name}"
 
 
+def _wants_figure(entry: Any, opts: Options) -> bool:
+    if entry.implementation.status == "planned":
+        return False
+    return opts.figures if isinstance(opts.figures, bool) else entry.id in opts.figures
+
+
+def _decision_plot(entry: Any, code_hash: str | None, opts: Options, report: Report) -> tuple[str, str] | None:
+    """Draw the implementation's `decision_figure()` (if it has one) at build time, or reuse the copy
+    drawn from the same code (`figures_cache`, keyed by code hash); its href and docstring (caption)."""
+    from catalog.measure import ImplementationError, load_module  # noqa: PLC0415
+
+    if not _wants_figure(entry, opts):
+        return None
+    try:
+        draw = getattr(load_module(entry), "decision_figure", None)
+    except ImplementationError:
+        return None  # the page shows the implementation failure already
+    if draw is None:
+        return None
+    name = f"{entry.id}-decisions.png"
+    target = opts.docs_dir / "plots" / "methods" / name
+    cached = opts.figures_cache / f"{entry.id}-{code_hash[:16]}.png" if opts.figures_cache and code_hash else None
+    try:
+        if cached is None or not cached.is_file():
+            plots.decision_png(draw, target)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(target, cached)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, target)
+    except Exception as exc:  # noqa: BLE001 - a broken figure is shown on its page, the build goes on
+        report.failures.setdefault(entry.id, f"cannot draw the decision figure: {_describe(exc)}")
+        return None
+    return f"../plots/methods/{name}", inspect.getdoc(draw) or ""
+
+
 def render_methods(env, entries, docs_by_id, hashes, opts: Options, report: Report) -> None:
     template = env.get_template("method.md.j2")
     for entry in entries:
@@ -174,9 +216,11 @@ def render_methods(env, entries, docs_by_id, hashes, opts: Options, report: Repo
                 report.failures.setdefault(entry.id, f"cannot read the implementation: {_describe(exc)}")
         docs = docs_by_id.get(entry.id, [])
         bars = [_latency_plot(entry, i, doc, opts, report) for i, doc in enumerate(docs)]
+        decisions = _decision_plot(entry, hashes.get(entry.id), opts, report)
         ctx = context.method_context(
             entry, docs, current_hash=hashes.get(entry.id), failure=report.failures.get(entry.id),
-            docstring=docstring, source=source, bibtex=to_bibtex(entry), latency_plots=bars)
+            docstring=docstring, source=source, bibtex=to_bibtex(entry), latency_plots=bars,
+            decision_plot=decisions)
         text = template.render(page=ctx, front=front_matter(ctx["nav_title"], ctx["tags"]))
         _write(opts.docs_dir, context.method_page(entry), text, report)
 

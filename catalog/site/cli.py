@@ -43,7 +43,7 @@ def cmd_site(args: argparse.Namespace) -> int:
         raise UsageError(f"--port: must be in 0..65535, got {args.port}")
     opts = Options(docs_dir=Path(args.docs_dir), site_dir=Path(args.site_dir),
                    results_root=Path(args.results_dir) if args.results_dir else results.RESULTS_DIR,
-                   bench=not args.no_bench)
+                   bench=not args.no_bench, figures=not args.no_figures)
     console = _console(stderr=True)
     try:
         report = generate(_load(), opts, console)
@@ -67,6 +67,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000,
                    help="port for --serve (default 8000; 0 picks a free one)")
     p.add_argument("--no-bench", action="store_true", help="do not re-run bench for missing or stale results")
+    p.add_argument("--no-figures", action="store_true",
+                   help="do not draw the decision figures (models run on real photos; cached by code hash)")
     p.add_argument("--docs-dir", default=str(REPO_ROOT / "build" / "docs"),
                    help="generated Markdown (default build/docs)")
     p.add_argument("--site-dir", default=str(REPO_ROOT / "site_build"),

@@ -153,7 +153,8 @@ def _paper_links(entry: Any) -> list[Markup]:
 
 def method_context(entry: Any, docs: list[dict[str, Any]], *, current_hash: str | None = None,
                    failure: str | None = None, docstring: str | None = None, source: str | None = None,
-                   bibtex: str = "", latency_plots: list[str | None] | None = None) -> dict[str, Any]:
+                   bibtex: str = "", latency_plots: list[str | None] | None = None,
+                   decision_plot: tuple[str, str] | None = None) -> dict[str, Any]:
     """Everything a method page shows; `docs` are the entry's stored result documents."""
     tax, impl = entry.taxonomy, entry.implementation
     page = method_page(entry)
@@ -204,6 +205,8 @@ def method_context(entry: Any, docs: list[dict[str, Any]], *, current_hash: str 
         "source": fence(source, "python") if source is not None else None,
         "results": [{**result_context(d, current_hash), "plot": Markup(plot) if plot else None}
                     for d, plot in zip(docs, latency_plots or [None] * len(docs), strict=True)],
+        "decision_plot": {"href": Markup(decision_plot[0]), "caption": md_text(decision_plot[1])}
+        if decision_plot else None,
         "failure": fence(failure, "text") if failure else None,
         "bibtex": fence(bibtex, "bibtex"),
     }

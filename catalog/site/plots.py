@@ -28,6 +28,24 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def decision_png(draw: Callable[[], Any], path: Path) -> Path:
+    """Run a method's `decision_figure()` (a model on a real photo) and save it as PNG (photos make
+    large SVGs). The RNG is seeded so that the same code draws the same picture."""
+    import torch  # noqa: PLC0415
+
+    _pyplot()  # Agg before the method imports pyplot
+    torch.manual_seed(0)
+    fig = draw()
+    if not hasattr(fig, "savefig"):
+        raise TypeError(f"decision_figure() returned {type(fig).__name__}, not a matplotlib Figure")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png", dpi=80, metadata={"Software": None}, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
+    return path
+
+
 def speedup_chart(points: list[dict[str, Any]], path: Path) -> Path:
     """MAC reduction (x) against measured speedup (y), log-log, with y = x (perfect realization).
 

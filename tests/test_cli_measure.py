@@ -1,0 +1,98 @@
+"""`catalog run` and `catalog bench` from the command line: JSON keys, knob errors, failing entries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from catalog import cli, measure
+from catalog.cli_measure import RUN_KEYS, _config
+from catalog.entries import load_all
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ("--set", "depth=8", "--min-time", "0.05")  # a CIFAR ResNet-8: fast enough for a test
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "catalog", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _entry(entry_id: str):
+    entries, problems = load_all()
+    assert not problems
+    return next(e for e in entries if e.id == entry_id)
+
+
+def test_run_json_has_the_documented_keys_and_consistent_ratios():
+    result = run_cli("run", "branchynet", "--json", "--batch-size", "2", *SMALL)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(RUN_KEYS) <= set(doc)
+    assert doc["id"] == "branchynet" and doc["batch_size"] == 2 and doc["device"] == "cpu"
+    assert doc["config"]["depth"] == 8 and doc["operating_point"] == "first_exit"
+    assert doc["macs_dynamic"] > 0 and doc["macs_dense"] > 0  # at depth 8 the exit branches outweigh the saving
+    assert doc["mac_reduction"] == pytest.approx(doc["macs_dense"] / doc["macs_dynamic"], rel=1e-6)
+    assert doc["realization"] == pytest.approx(doc["speedup"] / doc["mac_reduction"], rel=1e-3)
+    for key in ("torch", "threads", "commit", "date", "device_name"):
+        assert key in doc["environment"], key
+
+
+def test_run_human_output_shows_the_table_and_the_decisions():
+    result = run_cli("run", "branchynet", *SMALL)
+    assert result.returncode == 0, result.stderr
+    for text in ("dense vs dynamic", "MACs / sample", "realization", "decisions taken:",
+                 "config (operating point first_exit)"):
+        assert text in result.stdout, text
+
+
+@pytest.mark.parametrize("args, message", [
+    (("run", "branchynet", "--set", "nope=1"), "nope"),
+    (("run", "branchynet", "--set", "depth=abc"), "depth"),
+    (("run", "branchynet", "--set", "depth"), "--set 'depth': expected key=value"),
+    (("run", "branchynet", "--point", "nope"), "known: first_exit"),
+    (("run", "branchynet", "--batch-size", "0"), "--batch-size"),
+    (("run", "branchynet", "--device", "tpu"), "--device"),
+    (("run", "dds_net"), "status 'planned'"),
+    (("run", "branchynett"), "closest: branchynet"),
+    (("bench",), "give entry ids or --all"),
+])
+def test_bad_run_and_bench_arguments_exit_2_with_a_clear_message(args, message, capsys):
+    assert cli.main(list(args)) == 2  # in process: the same entry point as `python -m catalog`
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_train_without_point_uses_the_default_config():
+    entry = _entry("convnet_aig")
+    module = measure.load_module(entry)
+    cfg, point = _config(module, entry, None, ["width=4"], train=True)
+    assert point is None and cfg == module.Config(width=4)
+    cfg, point = _config(module, entry, None, [], train=False)
+    assert point.name == entry.implementation.operating_points[0].name
+    assert cfg.depth == entry.implementation.operating_points[0].knobs["depth"]
+
+
+def test_bench_reports_a_failing_entry_and_goes_on(tmp_path, monkeypatch, capsys):
+    written = []
+
+    def fake_bench(entry, root, device, batch_sizes, seed, min_time):
+        if entry.id == "branchynet":
+            raise RuntimeError("boom in the forward pass")
+        path = Path(root) / f"{entry.id}.json"
+        path.write_text("{}")
+        written.append(entry.id)
+        return path
+
+    monkeypatch.setattr(measure, "bench_entry", fake_bench)
+    code = cli.main(["bench", "branchynet", "convnet_aig", "--results-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert written == ["convnet_aig"] and (tmp_path / "convnet_aig.json").exists()
+    assert "branchynet: RuntimeError: boom in the forward pass" in err
+    assert "1 of 2 entries failed" in err
