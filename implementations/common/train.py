@@ -10,7 +10,9 @@ module-level `TRAIN = TrainSettings(...)` to change epochs, learning rate or bat
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,4 +205,22 @@ def train_and_compare(
         out[f"accuracy_{which}"] = evaluate(model, x_te, y_te, s.eval_batch_size)
         out[f"model_{which}"] = model
     out["x_test"], out["y_test"] = x_te, y_te
+    if os.environ.get(TRAIN_LOG_ENV):
+        _log_run(os.environ[TRAIN_LOG_ENV], module, cfg, out)
     return out
+
+
+TRAIN_LOG_ENV = "DYNNET_TRAIN_LOG"  # a path: every train_and_compare appends one JSON line there
+
+
+def _log_run(path: str, module: ModuleType, cfg: Any, out: dict[str, Any]) -> None:
+    """Append the run's accuracies and the executed-MAC fraction on the test set (for closing notes)."""
+    from catalog.costs import count_macs  # noqa: PLC0415
+
+    macs = {w: count_macs(out[f"model_{w}"], out["x_test"]) for w in ("dense", "dynamic")}
+    line = {"module": module.__name__, "config": repr(cfg), "epochs": out["epochs"], "image_size": out["image_size"],
+            "accuracy_dense": out["accuracy_dense"], "accuracy_dynamic": out["accuracy_dynamic"],
+            "executed_mac_fraction": macs["dynamic"] / macs["dense"],
+            "train_seconds": out["train_seconds_dense"] + out["train_seconds_dynamic"]}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")

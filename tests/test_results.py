@@ -1,0 +1,63 @@
+"""Stored results cannot drift from the code: every stored MAC count is recomputed here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from catalog import knobs, results
+from catalog.entries import load_all
+from catalog.measure import build_pair, count_pair, example, load_module
+
+DOCS = results.load()
+REQUIRED = ("operating_point", "config", "batch_size", "seed", "macs_dense", "macs_dynamic", "mac_reduction",
+            "params_dense", "params_dynamic", "latency_ms_dense", "latency_ms_dynamic", "speedup",
+            "realization", "decisions", "dtype")
+ENV = ("device", "device_name", "cpu_model", "threads", "python", "torch", "commit", "date")
+
+
+def _groups():
+    """One case per (document, configuration): the models are built once and every batch size of that
+    configuration is recounted on them."""
+    for doc in DOCS:
+        by_config: dict[str, list[dict]] = {}
+        for row in doc["measurements"]:
+            by_config.setdefault(repr(sorted(row["config"].items())) + f"-seed{row['seed']}", []).append(row)
+        for rows in by_config.values():
+            yield pytest.param(doc, rows, id=f"{doc['id']}-{doc['environment']['device']}-{rows[0]['operating_point']}")
+
+
+def test_results_exist_for_every_implemented_entry():
+    entries, problems = load_all()
+    assert not problems
+    implemented = {e.id for e in entries if e.implementation.status != "planned"}
+    stored = {doc["id"] for doc in DOCS}
+    assert implemented <= stored, f"run `python -m catalog bench {' '.join(sorted(implemented - stored))}`"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d["_path"] for d in DOCS])
+def test_result_documents_carry_provenance(doc):
+    assert doc["schema_version"] == results.SCHEMA_VERSION
+    for key in ENV:
+        assert doc["environment"].get(key) not in (None, ""), key
+    for row in doc["measurements"]:
+        for key in REQUIRED:
+            assert key in row, key
+        assert row["mac_reduction"] == pytest.approx(row["macs_dense"] / row["macs_dynamic"])
+        assert row["speedup"] == pytest.approx(row["latency_ms_dense"] / row["latency_ms_dynamic"])
+        assert row["realization"] == pytest.approx(row["speedup"] / row["mac_reduction"])
+
+
+@pytest.mark.parametrize("doc, rows", list(_groups()))
+def test_stored_macs_match_a_recount(doc, rows):
+    entries, _ = load_all()
+    entry = next(e for e in entries if e.id == doc["id"])
+    module = load_module(entry)
+    cfg = knobs.apply(module.Config, rows[0]["config"])
+    dense, dynamic = build_pair(module, cfg, torch.device("cpu"), rows[0]["seed"])
+    for row in rows:
+        fresh = count_pair(dense, dynamic, example(module, cfg, row["batch_size"], torch.device("cpu"), row["seed"]),
+                           module)
+        where = f"{doc['_path']}: {row['operating_point']}, batch {row['batch_size']}"
+        for key in ("macs_dense", "macs_dynamic", "params_dense", "params_dynamic"):
+            assert fresh[key] == row[key], f"{where}: {key} stored {row[key]}, recounted {fresh[key]}"
