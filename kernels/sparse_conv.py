@@ -229,7 +229,7 @@ _WORKSPACE = _Workspace()
 
 def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A flat per-thread scratch tensor of ``numel`` elements (contents undefined); grows as needed."""
-    key = (name, dtype, device)
+    key = (name, dtype, device, torch.is_inference_mode_enabled())  # inference tensors stay in that mode
     buf = _WORKSPACE.flat.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, int(1.25 * (0 if buf is None else buf.numel()))), dtype=dtype, device=device)
@@ -247,7 +247,7 @@ def padded_nhwc(x: Tensor, top: int, left: int, rows: int, cols: int) -> Tensor:
     nhwc = x.permute(0, 2, 3, 1)
     if top == 0 and left == 0 and rows == h and cols == w and nhwc.is_contiguous():
         return nhwc
-    key = (n, c, h, w, top, left, rows, cols, x.dtype, x.device)
+    key = (n, c, h, w, top, left, rows, cols, x.dtype, x.device, torch.is_inference_mode_enabled())
     buf = _WORKSPACE.padded.pop(key, None)
     if buf is None:
         buf = torch.zeros(n, rows, cols, c, dtype=x.dtype, device=x.device)
@@ -266,7 +266,7 @@ def padded_cnhw(x: Tensor, top: int, left: int, rows: int, cols: int) -> Tensor:
     the copy keeps image rows contiguous (no transpose of the inner dimensions).
     """
     n, c, h, w = x.shape
-    key = ("cnhw", n, c, h, w, top, left, rows, cols, x.dtype, x.device)
+    key = ("cnhw", n, c, h, w, top, left, rows, cols, x.dtype, x.device, torch.is_inference_mode_enabled())
     buf = _WORKSPACE.padded.pop(key, None)
     if buf is None:
         buf = torch.zeros(c, n, rows, cols, dtype=x.dtype, device=x.device)

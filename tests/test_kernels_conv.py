@@ -536,3 +536,21 @@ def test_plain_eager_calls_skip_the_dispatcher_but_not_under_modes() -> None:
     assert not sparse_mod.dispatch_free(x, weight.requires_grad_(), bias)
     with torch.no_grad():
         assert sparse_mod.dispatch_free(x, weight, bias)
+
+
+@pytest.mark.parametrize("op", ["sparse", "block"])
+def test_workspace_filled_in_inference_mode_is_not_reused_outside_it(op):
+    """The per-thread scratch buffers are kept per mode: an inference tensor cannot be written outside."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 4, 16, 16), torch.randn(4, 4, 3, 3)
+    if op == "sparse":
+        mask = torch.rand(1, 16, 16) < 0.3
+        call = lambda: sparse_conv2d(x, mask, w, None, 1, 1, backend="cpu")  # noqa: E731
+    else:
+        mask = torch.rand(1, 2, 2) < 0.6
+        call = lambda: block_conv2d(x, mask, w, None, 1, 1, block_size=8, backend="cpu")  # noqa: E731
+    with torch.inference_mode():
+        inside = call()
+    with torch.no_grad():
+        outside = call()
+    torch.testing.assert_close(outside, inside.clone())
