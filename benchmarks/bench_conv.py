@@ -9,6 +9,9 @@ GPU): the dense conv, the op's sparse path forced (``cpu`` on CPU, ``triton`` on
 ``backend="auto"`` (which falls back to dense above the op's break-even density). Masks have an exact
 density per sample: ``random`` (uniform noise) or ``clustered`` (a smooth random field, so activity
 comes in blobs); block masks are drawn at block resolution (8x8 blocks). ``speedup = dense / sparse``.
+On CUDA, dense and forced-sparse are also timed as CUDA-graph replays (``graph_*`` keys, see
+``benchmarks._graphs``): the GPU time alone, without Python, dispatch and launch overhead, which dominate
+eager calls of these small layers on a fast GPU. The plot shows the graph speedups when every row has one.
 
 ``--stat min`` bases the speedups on the fastest call instead of the median (for a machine shared with
 other load, where medians measure the other load); ``--threads 1 --clock thread`` times CPU time of
@@ -30,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks._graphs import GRAPH_CALLS, capture
 from catalog.env import environment
 from catalog.timing import physical_cores, time_interleaved
 from kernels import _backend
@@ -109,6 +113,10 @@ def bench_row(
     auto_path = _backend.resolve("auto", device, executed, break_even)
     ms = {name: getattr(st, f"{stat}_ms") for name, st in stats.items()}
     speedup = ms["dense"] / ms["sparse"]
+    graphed = graph_row(
+        {"dense": lambda: F.conv2d(x, weight, bias, padding=1), "sparse": lambda: run(sparse_path)},
+        device, repeats, min_time_s, stat, macs / dense_macs if dense_macs else 0.0,
+    )
     return {
         "op": op, "mask": kind, "density_target": density, "density": round(executed, 6),
         "channels": channels, "size": size, "batch": batch, "kernel": 3, "block_size": BLOCK_SIZE if op == "block_conv2d" else None,
@@ -120,7 +128,29 @@ def bench_row(
         "speedup": speedup, "auto_speedup": ms["dense"] / ms["auto"],
         "macs_dense": dense_macs, "macs_sparse": macs, "mac_reduction": dense_macs / macs if macs else math.inf,
         "realization": speedup * macs / dense_macs if macs else None,
+        **graphed,
     }
+
+
+def graph_row(
+    fns: dict, device: torch.device, repeats: int, min_time_s: float, stat: str, density: float
+) -> dict:
+    """CUDA only: dense and forced-sparse timed as CUDA-graph replays (GPU time without host overhead).
+
+    Keys ``graph_dense_ms``, ``graph_sparse_ms``, ``graph_speedup``, ``graph_realization``; empty on CPU
+    or where the capture fails.
+    """
+    if device.type != "cuda":
+        return {}
+    replays = capture(fns)
+    if replays is None:
+        return {}
+    stats = time_interleaved(replays, device=device, warmup=2, repeats=repeats, min_time_s=min_time_s,
+                             max_repeats=max(repeats, 200))
+    ms = {name: getattr(st, f"{stat}_ms") / GRAPH_CALLS for name, st in stats.items()}
+    speedup = ms["dense"] / ms["sparse"]
+    return {"graph_dense_ms": ms["dense"], "graph_sparse_ms": ms["sparse"], "graph_speedup": speedup,
+            "graph_realization": speedup * density if density else None}
 
 
 def configurations(quick: bool, device: torch.device) -> list[tuple]:
@@ -148,10 +178,12 @@ def break_even_estimate(rows: Sequence[dict], op: str) -> float | None:
 
 
 def print_table(rows: Sequence[dict]) -> None:
-    header = ["op", "mask", "C", "HxW", "N", "density", "dense ms", "sparse ms", "speedup", "auto", "auto x", "ideal"]
+    header = ["op", "mask", "C", "HxW", "N", "density", "dense ms", "sparse ms", "speedup", "auto", "auto x",
+              "graph x", "ideal"]
     lines = [[r["op"], r["mask"], str(r["channels"]), f"{r['size']}", str(r["batch"]), f"{r['density']:.3f}",
               f"{r['dense_ms']:.3f}", f"{r['sparse_ms']:.3f}", f"{r['speedup']:.2f}", r["auto_path"],
-              f"{r['auto_speedup']:.2f}", f"{r['mac_reduction']:.2f}"] for r in rows]
+              f"{r['auto_speedup']:.2f}", f"{r['graph_speedup']:.2f}" if "graph_speedup" in r else "-",
+              f"{r['mac_reduction']:.2f}"] for r in rows]
     try:
         from rich.console import Console  # noqa: PLC0415 - optional pretty printing
         from rich.table import Table  # noqa: PLC0415
@@ -177,20 +209,22 @@ def plot(json_path: str | Path, svg_path: str | Path) -> Path:
     data = json.loads(Path(json_path).read_text())
     rows = data["rows"]
     ops = sorted({r["op"] for r in rows})
+    key = "graph_speedup" if rows and all("graph_speedup" in r for r in rows) else "speedup"
     fig, axes = plt.subplots(1, len(ops), figsize=(6 * len(ops), 4.5), squeeze=False)
     for ax, op in zip(axes[0], ops, strict=True):
         series: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
             if r["op"] == op:
                 label = f"C={r['channels']} {r['size']}x{r['size']} N={r['batch']} {r['mask']}"
-                series.setdefault(label, []).append((r["density"], r["speedup"]))
+                series.setdefault(label, []).append((r["density"], r[key]))
         for label, pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=label)
         grid = [0.04 + i * 0.01 for i in range(97)]
         ax.plot(grid, [1 / d for d in grid], "k--", lw=1, label="ideal 1/d")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(xlabel="executed density", ylabel="speedup vs dense conv", title=op, yscale="log", xlim=(0, 1))
+        what = "GPU-time speedup (CUDA graphs)" if key == "graph_speedup" else "speedup"
+        ax.set(xlabel="executed density", ylabel=f"{what} vs dense conv", title=op, yscale="log", xlim=(0, 1))
         ax.legend(fontsize=6)
     env = data.get("environment", {})
     fig.suptitle(f"{env.get('device_name', '')} | {env.get('dtype', '')} {env.get('layout', '')} | "
@@ -236,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         threads, args.repeats, args.min_time, args.stat, args.clock)
         rows.append(row)
         print(f"[{i}/{len(configs)}] {op} {kind} C={channels} {size}x{size} N={batch} d={density}: "
-              f"speedup {row['speedup']:.2f} (auto {row['auto_speedup']:.2f})", file=sys.stderr, flush=True)
+              f"speedup {row['speedup']:.2f} (auto {row['auto_speedup']:.2f}"
+              + (f", CUDA graphs {row['graph_speedup']:.2f}" if "graph_speedup" in row else "") + ")",
+              file=sys.stderr, flush=True)
     print_table(rows)
     env = environment(device, dtype, "channels_last" if args.channels_last else "contiguous", None)
     env["threads"] = threads

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks._graphs import GRAPH_CALLS, capture
 from catalog.env import REPO_ROOT, environment
 from kernels.routed import routed_linear
 from kernels.sliced import sliced_conv2d, sliced_conv2d_macs, sliced_linear, sliced_linear_macs
@@ -87,25 +88,14 @@ def compare(fns: dict[str, Callable[[], object]], device: torch.device, reps: in
 
 
 def graph_compare(fns: dict[str, Callable[[], object]], device: torch.device, reps: int) -> dict | None:
-    """GPU time alone (CUDA graphs remove the Python/launch overhead); None where capture fails."""
+    """GPU time alone per call (CUDA graphs remove the Python/launch overhead); None where capture fails."""
     if device.type != "cuda":
         return None
-    graphs = {}
-    try:
-        for name, fn in fns.items():
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(10):
-                    fn()
-            graphs[name] = graph
-    except Exception as error:  # noqa: BLE001 - report, fall back to eager numbers
-        print(f"  (cuda graph capture failed: {error!r:.120})")
+    replays = capture(fns)
+    if replays is None:
         return None
-    times = compare({name: g.replay for name, g in graphs.items()}, device, reps, warmup=2)
-    return {name: ms / 10 for name, ms in times.items()}
+    times = compare(replays, device, reps, warmup=2)
+    return {name: ms / GRAPH_CALLS for name, ms in times.items()}
 
 
 # ---------------------------------------------------------------- workloads

@@ -30,7 +30,10 @@ def cpu_model() -> str:
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
-    """The checked-out commit (with ``-dirty`` when tracked files changed), or ``unknown``."""
+    """The checked-out commit (with ``-dirty`` when tracked files changed), or ``unknown``.
+
+    Without git (a copied tree, e.g. on a GPU machine) ``DYNNET_COMMIT`` or ``GITHUB_SHA`` names it.
+    """
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
@@ -41,7 +44,7 @@ def git_commit(root: Path = REPO_ROOT) -> str:
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("GITHUB_SHA", "unknown")
+        return os.environ.get("DYNNET_COMMIT") or os.environ.get("GITHUB_SHA", "unknown")
 
 
 def triton_version() -> str | None:

@@ -4,13 +4,18 @@ Dense numbers come from ``build_baseline``, dynamic ones from ``build`` in eval 
 ``example_input`` under a fixed seed, timed interleaved in one process (``catalog.timing``).
 ``mac_reduction = macs_dense / macs_dynamic``, ``speedup = latency_dense / latency_dynamic``,
 ``realization = speedup / mac_reduction``.
+
+On CUDA, float32 is measured exactly (TF32 off for cuDNN convolutions and cuBLAS matmuls, restored
+afterwards): the sparse Triton kernels compute fp32 in exact ("ieee") arithmetic, so a dense baseline
+allowed TF32 would be timed doing cheaper arithmetic than the dynamic model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -55,6 +60,20 @@ def code_hash(entry: Any) -> str:
         digest.update(str(path.relative_to(REPO_ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """No TF32 on CUDA while inside (cuDNN convolutions and cuBLAS matmuls); a no-op on CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def operating_point_config(module: ModuleType, knob_values: Mapping[str, Any]) -> Any:
@@ -128,7 +147,7 @@ def measure(module: ModuleType, cfg: Any, batch_size: int, device: str | torch.d
         count_x = count_inputs.to(device)
         x = count_x[:batch_size]
     result = count_pair(dense, dynamic, count_x, module)
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_fp32(device):
         timed = timing.compare(lambda: _first(dense(x)), lambda: _first(dynamic(x)), device=device,
                                min_time_s=min_time_s)
     dense_stats, dynamic_stats = timed["dense"], timed["dynamic"]

@@ -1,7 +1,9 @@
 """Triton kernels behind ``sparse_conv2d`` and ``block_conv2d`` (imported only when the triton path runs).
 
 One kernel, two row modes. Each program computes a ``BLOCK_M x BLOCK_N`` tile of output rows x output
-channels of one group as an implicit GEMM over ``K = kh*kw*Cin/groups``:
+channels of one group as an implicit GEMM over ``K = kh*kw*Cin/groups`` (``FLAT``: one loop over all
+(tap, Cin chunk) steps, which lets the compiler pipeline the gathers across taps; otherwise the taps are
+unrolled with a loop over Cin chunks inside each; the autotuner tries both):
 - pixel mode: the rows are ``BLOCK_M`` consecutive entries of the list of active output positions,
   flattened across the batch (so tiles stay full even when each image has few active pixels);
 - block mode: the rows are the ``B*B`` pixels of one active output block (split into tiles of at most
@@ -34,12 +36,32 @@ AUTOTUNE_ENV = "DYNNET_TRITON_AUTOTUNE"
 
 
 @triton.jit
+def _tap_step(
+    x_ptr, w_ptr, acc, n, ho, wo, row_ok, ky, kx, k0, cols, n_ok,
+    H, W, CIN, COUT, CIN_G, SH, SW, PH, PW, DH, DW, grp,
+    KW: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """acc += rows' inputs at tap (ky, kx), channels k0..k0+BLOCK_K of the group @ those weight rows."""
+    hi = ho * SH - PH + ky * DH
+    wi = wo * SW - PW + kx * DW
+    ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    x_row = ((n * H + hi) * W + wi).to(tl.int64) * CIN + grp * CIN_G
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < CIN_G
+    a = tl.load(x_ptr + x_row[:, None] + offs_k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+    w_row = ((ky * KW + kx) * CIN_G + offs_k).to(tl.int64) * COUT
+    b = tl.load(w_ptr + w_row[:, None] + cols[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _conv_rows_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, list_ptr,
     TOTAL, H, W, CIN, HO, WO, COUT, CIN_G, COUT_G,
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     """One (rows x Cout tile x group) of the gathered implicit GEMM; ``list_ptr`` holds -1 past the end."""
     pid_m = tl.program_id(0)
@@ -80,28 +102,32 @@ def _conv_rows_kernel(
     n_ok = offs_n < COUT_G
     cols = grp * COUT_G + offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ky in tl.static_range(KH):
-        for kx in tl.static_range(KW):
-            hi = ho * SH - PH + ky * DH
-            wi = wo * SW - PW + kx * DW
-            ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            x_row = ((n * H + hi) * W + wi).to(tl.int64) * CIN + grp * CIN_G
-            for k0 in range(0, CIN_G, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < CIN_G
-                a = tl.load(x_ptr + x_row[:, None] + offs_k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-                w_row = ((ky * KW + kx) * CIN_G + offs_k).to(tl.int64) * COUT
-                b = tl.load(w_ptr + w_row[:, None] + cols[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if FLAT:  # one loop over (tap, Cin chunk): the compiler can pipeline loads across taps
+        n_k = tl.cdiv(CIN_G, BLOCK_K)
+        for step in range(0, KH * KW * n_k):
+            tap = step // n_k
+            k0 = (step - tap * n_k) * BLOCK_K
+            ky = tap // KW
+            kx = tap - ky * KW
+            acc = _tap_step(x_ptr, w_ptr, acc, n, ho, wo, row_ok, ky, kx, k0, cols, n_ok,
+                            H, W, CIN, COUT, CIN_G, SH, SW, PH, PW, DH, DW, grp, KW, BLOCK_K, PRECISION)
+    else:  # taps unrolled, a loop over Cin chunks inside each
+        for ky in tl.static_range(KH):
+            for kx in tl.static_range(KW):
+                for k0 in range(0, CIN_G, BLOCK_K):
+                    acc = _tap_step(x_ptr, w_ptr, acc, n, ho, wo, row_ok, ky, kx, k0, cols, n_ok,
+                                    H, W, CIN, COUT, CIN_G, SH, SW, PH, PW, DH, DW, grp, KW, BLOCK_K, PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_off = pos.to(tl.int64)[:, None] * COUT + cols[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-# Tile shapes tried by the autotuner on CUDA (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Re-running the
-# kernel is harmless (it stores the same values), so tuning needs no reset of the output.
+# Tile shapes tried by the autotuner on CUDA (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), each with both
+# loop structures (FLAT). Re-running the kernel is harmless (it stores the same values), so tuning needs
+# no reset of the output.
 _CONFIGS = [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)]
+FIXED_FLAT = True  # loop structure of the fixed tiles (interpreter, DYNNET_TRITON_AUTOTUNE=0)
 _TUNED: list = []
 
 
@@ -120,8 +146,8 @@ def _tuned_kernel():
     """The autotuned kernel (built on first use on CUDA; the interpreter uses fixed tiles instead)."""
     if not _TUNED:
         configs = [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in _CONFIGS
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "FLAT": flat}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in _CONFIGS for flat in (False, True)
         ]
         key = ["TOTAL", "H", "W", "CIN", "COUT", "CIN_G", "COUT_G", "SH", "DH"]
         tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})
@@ -175,7 +201,7 @@ def _launch(x: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, row
     else:
         small = _backend.interpreting()  # fewer, smaller programs keep the interpreter fast
         tiles = dict(BLOCK_M=_pow2(block_size * block_size, 16, 64) if block_size else (32 if small else 64),
-                     BLOCK_N=_pow2(cout_g, 16, 64 if small else 128), BLOCK_K=_pow2(cin_g, 16, 64))
+                     BLOCK_N=_pow2(cout_g, 16, 64 if small else 128), BLOCK_K=_pow2(cin_g, 16, 64), FLAT=FIXED_FLAT)
         _conv_rows_kernel[grid](*args, **consts, **tiles, **({} if small else dict(num_warps=4, num_stages=3)))
     return out.permute(0, 3, 1, 2)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import types
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn as nn
@@ -204,20 +208,25 @@ def test_fit_uses_aux_loss_and_custom_loss():
         train.fit(_Tiny(), (x, y), epochs=1, lr=1e-3, batch_size=16, optimizer="lbfgs")
 
 
-def test_train_and_compare_on_a_stub_method_module():
-    import types
-    from dataclasses import dataclass
+@dataclass
+class _StubConfig:
+    image_size: int = 32  # replaced by TRAIN.image_size (the stub network only takes 8x8)
+    in_channels: int = 3
+    num_classes: int = 10
 
-    @dataclass
-    class Config:
-        image_size: int = 32  # replaced by TRAIN.image_size (the stub network only takes 8x8)
-        in_channels: int = 3
-        num_classes: int = 10
 
-    mod = types.SimpleNamespace(
-        Config=Config, build=lambda cfg=None: _Tiny(0.1), build_baseline=lambda cfg=None: _Tiny(),
-        TRAIN=train.TrainSettings(epochs=2, lr=1e-2, image_size=8),
+def _stub_module(epochs: int = 2) -> types.SimpleNamespace:
+    """A method module stand-in (a namespace, so it has no ``__name__``)."""
+    return types.SimpleNamespace(
+        Config=_StubConfig, build=lambda cfg=None: _Tiny(0.1), build_baseline=lambda cfg=None: _Tiny(),
+        TRAIN=train.TrainSettings(epochs=epochs, lr=1e-2, image_size=8),
     )
+
+
+def test_train_and_compare_on_a_stub_method_module(monkeypatch):
+    monkeypatch.delenv("DYNNET_TRAIN_LOG", raising=False)
+    Config = _StubConfig
+    mod = _stub_module()
     res = train.train_and_compare(mod)
     assert res["epochs"] == 2 and res["n_train"] + res["n_test"] == 1797 and res["image_size"] == 8
     assert res["accuracy_dense"] > 0.8 and res["accuracy_dynamic"] > 0.8
@@ -227,3 +236,12 @@ def test_train_and_compare_on_a_stub_method_module():
         train.train_and_compare(mod, Config(num_classes=5))
     with pytest.raises(ValueError, match="image_size"):
         train.train_and_compare(mod, types.SimpleNamespace(image_size=32))
+
+
+def test_train_log_hook_appends_one_line_per_run(tmp_path, monkeypatch):
+    log = tmp_path / "train.jsonl"
+    monkeypatch.setenv("DYNNET_TRAIN_LOG", str(log))
+    train.train_and_compare(_stub_module(epochs=1))
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 1 and "namespace" in lines[0]["module"]
+    assert 0.0 < lines[0]["executed_mac_fraction"] <= 1.0 and lines[0]["epochs"] == 1

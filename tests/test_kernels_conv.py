@@ -463,6 +463,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
+    from kernels import _triton_conv
     from kernels.block_conv import block_conv2d, block_conv2d_macs, expand_block_mask
     from kernels.sparse_conv import sparse_conv2d, sparse_conv2d_macs
 
@@ -473,7 +474,10 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         (1, 3, 3, 6, 7, 3, 1, 2, 2, 3, 4),
         (2, 4, 5, 5, 6, 1, 1, 0, 1, 1, 2),
     ]
-    for n, cin, cout, h, w, k, s, p, d, g, bs in cases:
+    # both loop structures of the kernel (FLAT: one loop over taps x Cin chunks; else taps unrolled)
+    runs = [(True, case) for case in cases] + [(False, case) for case in cases[:2]]
+    for flat, (n, cin, cout, h, w, k, s, p, d, g, bs) in runs:
+        _triton_conv.FIXED_FLAT = flat
         x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
         weight = torch.randn(cout, cin // g, k, k)
         bias = torch.randn(cout)
@@ -490,6 +494,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         want = F.conv2d(x, weight, None, **conv) * expand_block_mask(block_mask, ho, wo, bs)[:, None]
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
         assert out.is_contiguous()
+    _triton_conv.FIXED_FLAT = True
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
     empty = sparse_conv2d(x, torch.zeros(1, 5, 5, dtype=torch.bool), weight, None, padding=1, backend="triton")
     assert bool((empty == 0).all())

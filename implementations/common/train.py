@@ -218,7 +218,8 @@ def _log_run(path: str, module: ModuleType, cfg: Any, out: dict[str, Any]) -> No
     from catalog.costs import count_macs  # noqa: PLC0415
 
     macs = {w: count_macs(out[f"model_{w}"], out["x_test"]) for w in ("dense", "dynamic")}
-    line = {"module": module.__name__, "config": repr(cfg), "epochs": out["epochs"], "image_size": out["image_size"],
+    name = getattr(module, "__name__", repr(module))  # a stand-in namespace has no __name__
+    line = {"module": name, "config": repr(cfg), "epochs": out["epochs"], "image_size": out["image_size"],
             "accuracy_dense": out["accuracy_dense"], "accuracy_dynamic": out["accuracy_dynamic"],
             "executed_mac_fraction": macs["dynamic"] / macs["dense"],
             "train_seconds": out["train_seconds_dense"] + out["train_seconds_dynamic"]}
