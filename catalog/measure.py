@@ -146,7 +146,8 @@ def measure(module: ModuleType, cfg: Any, batch_size: int, device: str | torch.d
         dense, dynamic = (m.to(device).eval() for m in models)
         count_x = count_inputs.to(device)
         x = count_x[:batch_size]
-    result = count_pair(dense, dynamic, count_x, module)
+    with exact_fp32(device):
+        result = count_pair(dense, dynamic, count_x, module)
     with torch.inference_mode(), exact_fp32(device):
         timed = timing.compare(lambda: _first(dense(x)), lambda: _first(dynamic(x)), device=device,
                                min_time_s=min_time_s)

@@ -12,6 +12,7 @@ DOCS = results.load()
 REQUIRED = ("operating_point", "config", "batch_size", "seed", "macs_dense", "macs_dynamic", "mac_reduction",
             "params_dense", "params_dynamic", "latency_ms_dense", "latency_ms_dynamic", "speedup",
             "realization", "decisions", "dtype")
+DEVICE_TOLERANCE = 0.02  # relative, for executed MACs stored from a device other than the CPU
 ENV = ("device", "device_name", "cpu_model", "threads", "python", "torch", "commit", "date")
 
 
@@ -54,8 +55,14 @@ def test_stored_macs_match_a_recount(doc, rows):
     entry = next(e for e in entries if e.id == doc["id"])
     module = load_module(entry)
     cfg = knobs.apply(module.Config, rows[0]["config"])
+    on_cpu = doc["environment"]["device"] == "cpu"
     for row in rows:
         fresh = counts(module, cfg, row["batch_size"], "cpu", seed=row["seed"])
         where = f"{doc['_path']}: {row['operating_point']}, batch {row['batch_size']}"
         for key in ("macs_dense", "macs_dynamic", "params_dense", "params_dynamic"):
+            if key == "macs_dynamic" and not on_cpu:
+                # Measured on another device: its float arithmetic may flip a borderline decision (a
+                # halting sum, a threshold) of the same model, so the CPU recount is close, not equal.
+                assert fresh[key] == pytest.approx(row[key], rel=DEVICE_TOLERANCE), where
+                continue
             assert fresh[key] == row[key], f"{where}: {key} stored {row[key]}, recounted {fresh[key]}"
