@@ -541,6 +541,10 @@ def test_plain_eager_calls_skip_the_dispatcher_but_not_under_modes() -> None:
     assert not sparse_mod.dispatch_free(x, weight.requires_grad_(), bias)
     with torch.no_grad():
         assert sparse_mod.dispatch_free(x, weight, bias)
+        # a module's weights are Parameters: still plain tensors for the dispatcher
+        assert sparse_mod.dispatch_free(x, torch.nn.Parameter(weight.detach()), torch.nn.Parameter(bias))
+    fake = torch._subclasses.fake_tensor.FakeTensorMode().from_tensor(x)
+    assert not sparse_mod.dispatch_free(fake, weight, bias)  # tensor subclasses go through the op
 
 
 @pytest.mark.parametrize("op", ["sparse", "block"])
