@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from kernels import _backend
+from kernels._backend import dispatch_free
 from kernels._checks import check_bool_mask, check_device, check_int, check_tensor
 from kernels.sparse_conv import (
     ConvGeometry,
@@ -41,7 +42,6 @@ from kernels.sparse_conv import (
     check_conv_args,
     conv2d_macs,
     cpu_sparse_conv,
-    dispatch_free,
     masked_conv_backward,
     output_format,
     padded_extent,

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from kernels import _backend
+from kernels._backend import dispatch_free
 from kernels._checks import (
     FLOAT_DTYPES,
     INT_DTYPES,
@@ -304,6 +305,8 @@ def sliced_linear(
     in_w = _check_width("in_width", in_width, x.shape[0], x.shape[1], x.device)
     out_w = _check_width("out_width", out_width, x.shape[0], weight.shape[0], x.device)
     path = _backend.resolve(backend, x.device)
+    if dispatch_free(x, weight, bias):  # plain eager inference: the op's body, no dispatcher
+        return _linear_forward(x, in_w, out_w, weight, bias, path)
     return torch.ops.dynnet.sliced_linear(x, in_w, out_w, weight, bias, path)
 
 
@@ -351,6 +354,8 @@ def sliced_conv2d(
     if groups > 1 and not torch.equal(in_w, out_w):
         raise ValueError("out_width: a depthwise sliced conv needs out_width == in_width for every sample")
     path = _backend.resolve(backend, x.device)
+    if dispatch_free(x, weight, bias):  # plain eager inference: the op's body, no dispatcher
+        return _conv_forward(x, in_w, out_w, weight, bias, list(stride_), list(padding_), list(dilation_), groups, path)
     return torch.ops.dynnet.sliced_conv2d(
         x, in_w, out_w, weight, bias, list(stride_), list(padding_), list(dilation_), groups, path
     )

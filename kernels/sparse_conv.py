@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from kernels import _backend
+from kernels._backend import dispatch_free
 from kernels._checks import (
     FLOAT_DTYPES,
     check_bool_mask,
@@ -160,25 +161,6 @@ def _conv_geometry(
     if n < 1 or cin < 1:
         raise ValueError(f"x: expected a non-empty batch and channels, got shape {x_shape}")
     return ConvGeometry(n, cin, h, w, cout, (kh, kw), stride_, padding_, dilation_, groups_, ho, wo)
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)  # a module's weights are Parameters: plain storage, no dispatch hooks
-
-
-def dispatch_free(*tensors: Tensor | None) -> bool:
-    """True when calling an op's implementation directly is indistinguishable from dispatching it.
-
-    That holds in plain eager inference: no torch.compile tracing, no dispatch mode (FlopCounterMode,
-    FakeTensorMode, ...), plain tensors or a module's Parameters only, and no gradient to record. The
-    wrappers then skip the custom-op dispatch, which costs tens of microseconds per call (it dominates
-    small GPU calls and small CPU layers).
-    """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    present = [t for t in tensors if t is not None]
-    if any(type(t) not in _PLAIN for t in present):  # subclasses (fake, functional, ...) need dispatch
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
 
 def output_format(x: Tensor) -> torch.memory_format:

@@ -45,6 +45,17 @@ def test_eval_equals_masked_dense_oracle(k):
         torch.testing.assert_close(out, _oracle(dyn, x, info["branches"]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_small_batches_equal_oracle(batch):
+    """One image (every chosen branch on the whole batch, no gather), a few images, and an empty batch."""
+    dyn, _ = _pair(TINY)
+    x = hy.example_input(TINY, max(batch, 1))[:batch]
+    with torch.no_grad():
+        out, info = dyn(x)
+        assert out.shape == (batch, TINY.num_classes)
+        torch.testing.assert_close(out, _oracle(dyn, x, info["branches"]), atol=1e-5, rtol=1e-5)
+
+
 def test_all_branches_on_equals_baseline():
     dyn, dense = _pair(TINY)
     everything = hy.build(dataclasses.replace(TINY, top_k=TINY.num_branches)).eval()

@@ -129,6 +129,73 @@ def test_flop_counter_counts_backward_on_the_cpu_path():
     assert counter.get_total_flops() == 3 * 2 * routed_linear_macs(11, 7, 5)
 
 
+SORTED_ROUTES = {
+    "sorted_with_empty_experts": torch.tensor([0, 0, 0, 2, 2, 3, 3, 3, 3, 5, 5, 5]),  # experts 1 and 4 empty
+    "sorted_two_rows": torch.tensor([1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])[:2],  # one token, top-2
+    "sorted_last_expert_only_once": torch.tensor([0] * 11 + [5]),
+}
+
+
+def _strided_weight(experts, cout, cin, dtype=torch.float64):
+    """(E, Cout, Cin) as a transposed view of a contiguous (E, Cin, Cout) block (the MoE's fc2 layout)."""
+    return torch.randn(experts, cin, cout, generator=torch.Generator().manual_seed(5), dtype=dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("kind", sorted(SORTED_ROUTES))
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+def test_sorted_fast_path_equals_oracle(kind, bias, strided):
+    """Routes already sorted by expert: rows used in place (no permutation), same result as the oracle."""
+    route = SORTED_ROUTES[kind]
+    x, w, b = make(route.shape[0], 5, 7, 6, bias=bias)
+    if strided:
+        w = _strided_weight(6, 7, 5)
+    assert routed.is_sorted(route)
+    got = routed_linear(x, route, w, b, backend="cpu")
+    torch.testing.assert_close(got, loop_oracle(x, route, w, b))
+    torch.testing.assert_close(got, routed_linear(x, route, w, b, backend="reference"))
+
+
+def test_sorted_fast_path_gathers_nothing(monkeypatch):
+    """The sorted path never gathers or scatters rows; the unsorted path gathers exactly twice."""
+    calls = []
+    real = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *a: calls.append(t.shape) or real(t, *a))
+    route = SORTED_ROUTES["sorted_with_empty_experts"]
+    x, w, _ = make(route.shape[0], 5, 7, 6)
+    routed._grouped(x, route, w, None)
+    assert calls == []
+    routed._grouped(x, route.flip(0), w, None)
+    assert len(calls) == 2  # the sorting gather of x, the restoring gather of the output
+
+
+def test_sorted_fast_path_macs_and_gradients():
+    route = SORTED_ROUTES["sorted_with_empty_experts"]
+    x, w, b = make(route.shape[0], 5, 7, 6, dtype=torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        routed_linear(x, route, w, b, backend="cpu")
+    assert counter.get_total_flops() == 2 * routed_linear_macs(route.shape[0], 5, 7)
+    x, w, b = make(route.shape[0], 4, 3, 6)
+    inputs = tuple(t.requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: routed_linear(x, route, w, b, backend="cpu"), inputs)
+
+
+def test_is_sorted_and_inverse_permutation():
+    assert routed.is_sorted(torch.tensor([], dtype=torch.long)) and routed.is_sorted(torch.tensor([3]))
+    assert routed.is_sorted(torch.tensor([0, 0, 2, 2, 7])) and not routed.is_sorted(torch.tensor([0, 2, 1]))
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(50, 3)
+    assert torch.equal(x.index_select(0, order).index_select(0, routed.inverse_permutation(order)), x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_unsorted_strided_weight_equals_oracle(bias):
+    route = ROUTES["random"](23, 6)
+    x, _, b = make(23, 5, 7, 6, bias=bias)
+    w = _strided_weight(6, 7, 5)
+    torch.testing.assert_close(routed_linear(x, route, w, b, backend="cpu"), loop_oracle(x, route, w, b))
+
+
 def test_backend_switch_env_and_argument(monkeypatch):
     calls = []
     real = routed._reference

@@ -28,7 +28,7 @@ def _pair(cfg: moe.Config) -> tuple[moe.MoEViT, moe.MoEViT]:
 def _oracle(layer: moe.NoisyTopKMoE, x: Tensor, experts: Tensor, gates: Tensor) -> Tensor:
     """Every expert on every token, then only the chosen experts' outputs kept with their gate values."""
     w1, b1 = layer.fc1_weight, layer.fc1_bias
-    w2, b2 = layer.fc2_weight.permute(1, 0, 2), layer.fc2_bias  # (E, dim, hidden)
+    w2, b2 = layer.fc2_weight.transpose(1, 2), layer.fc2_bias  # (E, dim, hidden)
     hid = F.relu(torch.einsum("td,ehd->teh", x, w1) + b1)
     out = torch.einsum("teh,edh->ted", hid, w2) + b2  # (T, E, dim): all experts
     mask = torch.zeros(x.shape[0], layer.num_experts).scatter(1, experts, gates)
@@ -52,6 +52,18 @@ def test_layer_equals_masked_dense_oracle(capacity_factor):
         dropped = stats["gates"] == 0
         assert dropped.any() and (stats["expert_load"] <= math.ceil(capacity_factor * 40 * 2 / 6)).all()
         torch.testing.assert_close(stats["gates"][~dropped], expected_gates[~dropped])
+    torch.testing.assert_close(y, _oracle(layer, x, stats["experts"], stats["gates"]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_few_tokens_equal_masked_dense_oracle(tokens):
+    """One or a few tokens: most experts empty, the kept rows sorted by expert go to the kernel in place."""
+    cfg = dataclasses.replace(TINY, num_experts=6, top_k=2)
+    layer = moe.NoisyTopKMoE(cfg.dim, cfg.expert_hidden, cfg).eval()
+    x = torch.randn(tokens, cfg.dim)
+    with torch.no_grad():
+        y, stats = layer(x)
+    assert int(stats["expert_load"].sum()) == tokens * cfg.top_k
     torch.testing.assert_close(y, _oracle(layer, x, stats["experts"], stats["gates"]), atol=1e-5, rtol=1e-5)
 
 

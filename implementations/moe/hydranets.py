@@ -23,7 +23,8 @@
 In `eval()` the images are grouped by branch: each selected branch runs once on the stacked images
 that chose it (`index_select`), a branch chosen by no image is not called, and the branches' final
 linear projections run as one grouped GEMM over the `(image, branch)` rows through
-`kernels.routed_linear`. `info` holds `branches (N, k)` (chosen ids), `scores (N, B)` (sigmoid
+`kernels.routed_linear` (rows already sorted by branch, so the kernel needs no permutation). `info`
+holds `branches (N, k)` (chosen ids), `scores (N, B)` (sigmoid
 scores), `branch_counts (B,)` (images per branch), and `gate_logits` and `class_branch` (the branch
 that owns each class) for the gate loss.
 
@@ -207,20 +208,16 @@ class HydraNet(nn.Module):
     def _selected_branches(self, s: Tensor, scores: Tensor, branches: Tensor) -> Tensor:
         """Only the chosen branches run, each on the stacked images that chose it; `(N, feature_dim)`."""
         n, k = branches.shape
-        route = branches.flatten()  # (N k,) one row per (image, slot)
-        order = torch.argsort(route, stable=True)
+        route, order = torch.sort(branches.flatten(), stable=True)  # (N k,) rows (image, slot) by branch
         counts = torch.bincount(route, minlength=self.cfg.num_branches).tolist()
-        image = order // k  # image of each row, rows grouped by branch
-        pooled = s.new_empty(n * k, self.branches[0].out_features)
-        start = 0
-        for b, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = image[start : start + count]
-            pooled[start : start + count] = self.branches[b](s if count == n else s.index_select(0, rows))
-            start += count
-        route_sorted = route.index_select(0, order)
-        feat = routed_linear(pooled, route_sorted, self.proj_weight, self.proj_bias)
+        image = order.div(k, rounding_mode="floor")  # image of each row, rows grouped by branch
+        feats = [self.branches[b](s if count == n else s.index_select(0, rows))
+                 for b, (rows, count) in enumerate(zip(image.split(counts), counts, strict=True)) if count]
+        if len(feats) != 1:  # several branches (or an empty batch): one (N k, C) block
+            feats = [torch.cat(feats) if feats else s.new_empty(0, self.branches[0].out_features)]
+        pooled = feats[0]
+        # rows are sorted by branch: the grouped GEMM uses them in place; routes come from topk (in range)
+        feat = routed_linear(pooled, route, self.proj_weight, self.proj_bias, check_values=False)
         weight = scores.gather(1, branches).flatten().index_select(0, order)
         return s.new_zeros(n, self.cfg.feature_dim).index_add_(0, image, feat * weight.unsqueeze(1))
 
