@@ -19,12 +19,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/session.log"
+exec 3>&1  # the caller's stdout: stage lines go there and to the log, whatever a stage redirects
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log the exit status
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
-  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG" >&3
   timeout "$limit" "$@"
-  echo "== $name: exit $? after $((SECONDS - start))s" | tee -a "$LOG"
+  echo "== $name: exit $? after $((SECONDS - start))s" | tee -a "$LOG" >&3
 }
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
   torch.cuda.get_device_name(), 'commit', __import__('os').environ.get('DYNNET_COMMIT'))" 2>&1 | tee -a "$LOG"
