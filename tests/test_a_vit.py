@@ -72,6 +72,18 @@ def test_halted_tokens_leave_the_packed_rows():
 
 
 @torch.no_grad()
+def test_packed_batch_equals_each_image_alone():
+    """The packed rows keep image order (cu_seqlens from the source index): batching changes nothing."""
+    model = _model(seed=1)
+    x = _x(5)
+    out, info = model(x)
+    for i in range(len(x)):
+        alone, info_alone = model(x[i : i + 1])
+        assert torch.equal(info_alone["depth"], info["depth"][i : i + 1])
+        torch.testing.assert_close(alone, out[i : i + 1], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_never_halting_equals_baseline():
     model = _model(replace(TINY, calibrate=False, gate_center=1e4))
     baseline = av.build_baseline(TINY).eval()

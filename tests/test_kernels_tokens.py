@@ -99,6 +99,23 @@ def test_pack_layout_and_cu_seqlens(path):
         torch.testing.assert_close(packed[cu[b] : cu[b + 1]], x[b][keep[b]])
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_pack_cpu_row_gather_equals_boolean_indexing(batch):
+    """The cpu path gathers with one index_select over (B*N, C) and finds cu_seqlens by searchsorted;
+    inputs whose samples cannot be merged into rows without a copy take boolean indexing."""
+    keep = keep_mask(batch, 7, seed=2)
+    keep[-1, ::2] = False
+    base = rand(7, batch, 3, seed=3)
+    for x in (base.transpose(0, 1).contiguous(), base.transpose(0, 1)):  # mergeable, then not (batch > 1)
+        packed, cu = pack_tokens(x, keep, backend="cpu")
+        want, want_cu = pack_tokens(x, keep, backend="reference")
+        assert packed.is_contiguous() and cu.dtype == torch.int32
+        assert torch.equal(packed, x[keep]) and torch.equal(packed, want) and torch.equal(cu, want_cu)
+    none = torch.zeros(batch, 7, dtype=torch.bool)
+    packed, cu = pack_tokens(base.transpose(0, 1).contiguous(), none, backend="cpu")
+    assert packed.shape == (0, 3) and cu.tolist() == [0] * (batch + 1)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_unpack_replaces_kept_rows_only(path):
     x, base = rand(3, 5, 2), rand(3, 5, 2, seed=1)
@@ -145,6 +162,16 @@ def test_packed_attention_matches_einsum(path):
     cu = torch.tensor([0, 0, 3, 7, 8], dtype=torch.int32)  # an empty sequence, a single token
     q, k, v = (rand(8, 2, 3, seed=s) for s in range(3))
     torch.testing.assert_close(packed_attention(q, k, v, cu, backend=path), per_sample_attention(q, k, v, cu))
+
+
+@pytest.mark.parametrize("bounds", [[0, 6], [0, 0, 6, 6], [0, 2, 6]])
+def test_packed_attention_cpu_single_sequence_is_not_copied(bounds):
+    """One sequence holding every row (batch 1) returns SDPA's output directly (contiguous, no cat)."""
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    qkv = rand(6, 3, 2, 4, seed=4).unbind(1)  # strided views, as a qkv projection yields them
+    out = packed_attention(*qkv, cu, backend="cpu")
+    torch.testing.assert_close(out, per_sample_attention(*qkv, cu))
+    assert out.is_contiguous() and out.shape == (6, 2, 4)
 
 
 def test_packed_attention_equals_dense_attention_on_full_sequences():
@@ -196,7 +223,12 @@ def _bad_cases():
         (pack_tokens, (x, keep[:, :3]), ValueError, "keep"),
         (unpack_tokens, (x, x[0], keep), ValueError, "packed"),
         (unpack_tokens, (x, x.reshape(8, 3).long(), keep), TypeError, "packed"),
+        (pack_tokens, (x.numpy(), keep), TypeError, "x"),
+        (pack_tokens, (x.long(), keep), TypeError, "x"),
         (packed_attention, (x, x, x[:1], torch.tensor([0, 2])), ValueError, "v"),
+        (packed_attention, (x[0], x[0], x[0], torch.tensor([0, 4])), ValueError, "q"),
+        (packed_attention, (x, x.double(), x, torch.tensor([0, 2])), TypeError, "k"),
+        (packed_attention, (x, x, x, torch.tensor([[0, 2]])), ValueError, "cu_seqlens"),
         (packed_attention, (x, x, x, torch.tensor([0, 1])), ValueError, "cu_seqlens"),
         (packed_attention, (x, x, x, torch.tensor([0, 2.0])), TypeError, "cu_seqlens"),
     ]

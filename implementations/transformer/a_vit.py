@@ -20,9 +20,11 @@
     centred at the target depth `budget * depth` to `H`, the mean halting score of every block
     normalized over blocks.
   - `eval()`: halted tokens are **removed**: the live tokens of the whole batch are one packed `(T, C)`
-    matrix (`kernels.pack_tokens`, re-packed after a block where some token halted), the linear layers
-    run on those rows only and attention runs per image on its own live tokens (`2 n_b^2 C` MACs per
-    image, `kernels.packed_attention`). Images keep different numbers of tokens.
+    matrix in image order (re-packed with one row `index_select` after a block where some token
+    halted), the linear layers run on those rows only and attention runs per image on its own live
+    tokens (`2 n_b^2 C` MACs per image, `kernels.packed_attention`). Images keep different numbers of
+    tokens. The halting bookkeeping stays packed with the rows (cumulative score, source index), so a
+    block costs a handful of small ops beyond the ViT block itself and one host sync (`nonzero`).
 
 `info` holds `depth (B, 1 + P)` (the number of blocks each token ran; the class token runs all),
 `token_layers` (the executed fraction of token-blocks) and, in train mode, `aux_loss`, `ponder` and
@@ -43,7 +45,9 @@ with `budget=0.62`, A-ViT-T's 0.8 G of DeiT-T's 1.3 G (DeiT-S does not run at ba
 ## Simplifications against the paper
 
 - **We really skip halted tokens** (ragged packing); the public code only masks them (its README
-  lists run-time "token zipping" as not yet released).
+  lists run-time "token zipping" as not yet released). Re-packing drops rows of the already packed
+  matrix with `index_select` rather than `kernels.pack_tokens`, whose `(B, N)` mask interface would
+  need a second `nonzero` and a custom-op call per block for the same gather.
 - The class token never halts, so the output is the class token after the last block. The official
   code also halts the class token and reads the mean-field sum `sum_l p_c^l t_c^l` of its states.
 - Trained from scratch on the digits (the paper fine-tunes a pretrained DeiT for 100 epochs), with the
@@ -67,7 +71,7 @@ from torch import Tensor
 
 from implementations.common.train import TrainSettings
 from implementations.common.vit import Attention, VisionTransformer, vit
-from kernels import pack_tokens, packed_attention
+from kernels import packed_attention
 
 _MEAN = (0.485, 0.456, 0.406)  # ImageNet normalization of the photos
 _STD = (0.229, 0.224, 0.225)
@@ -151,7 +155,7 @@ class AViT(nn.Module):
 
     def scores(self, tokens: Tensor) -> Tensor:
         """Halting scores `sigmoid(gate_scale * e_0 - gate_center)` of `tokens (..., C)`: `(...)`."""
-        return torch.sigmoid(self.cfg.gate_scale * tokens[..., 0] - self.gate_center)
+        return tokens.select(-1, 0).mul(self.cfg.gate_scale).sub_(self.gate_center).sigmoid_()
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict]:
         return self._forward_train(x) if self.training else self._forward_eval(x)
@@ -159,31 +163,27 @@ class AViT(nn.Module):
     def _forward_eval(self, x: Tensor) -> tuple[Tensor, dict]:
         tokens = self.net.stem(x)
         b, n, c = tokens.shape
-        n_blocks = len(self.net.blocks)
-        rows = tokens.reshape(b * n, c)
-        sample = torch.arange(b, device=x.device).repeat_interleave(n)  # image of every live row
-        token = torch.arange(n, device=x.device).repeat(b)  # token index of every live row
-        cu = torch.arange(b + 1, device=x.device, dtype=torch.int32) * n
-        cum = rows.new_zeros(b * n)
-        halted_rows, halted_at = [], []  # flat (image, token) index of the tokens that halted, and when
+        n_blocks, threshold = len(self.net.blocks), 1 - self.cfg.eps
+        rows = tokens.reshape(b * n, c)  # the live tokens of all images, packed in image order
+        starts = torch.arange(b + 1, device=x.device) * n  # flat index of every image's class token
+        cu = starts.to(torch.int32)
+        source = torch.arange(b * n, device=x.device)  # flat (image, token) index of every live row
+        cum = rows.new_zeros(b, n)
+        cum[:, 0] = -math.inf  # the class token never halts
+        cum = cum.view(b * n)
+        depth = torch.empty(b * n, dtype=torch.long, device=x.device)
         for i, block in enumerate(self.net.blocks):
             rows = rows + packed_self_attention(block.attn, block.norm1(rows), cu)
             rows = rows + block.mlp_residual(rows)
             if i == n_blocks - 1:
                 break
-            cum = cum + self.scores(rows)
-            halt = (cum >= 1 - self.cfg.eps) & (token != 0)
-            if bool(halt.any()):
-                halted_rows.append(sample[halt] * n + token[halt])
-                halted_at.append(torch.full_like(halted_rows[-1], i + 1))
-                keep = ~halt
-                rows = pack_tokens(rows.unsqueeze(0), keep.unsqueeze(0))[0]
-                sample, token, cum = sample[keep], token[keep], cum[keep]
-                cu = F.pad(torch.bincount(sample, minlength=b).cumsum(0), (1, 0)).to(torch.int32)
-        logits = self.net.fc(self.net.norm(rows[cu[:-1].long()]))  # the class token opens every slice
-        depth = torch.full((b * n,), n_blocks, dtype=torch.long, device=x.device)
-        if halted_rows:
-            depth = depth.index_copy(0, torch.cat(halted_rows), torch.cat(halted_at))
+            live = (cum.add_(self.scores(rows)) >= threshold).logical_not_().nonzero().view(-1)  # not halted
+            if live.shape[0] < rows.shape[0]:  # some token halted: drop its row, keep the order
+                depth.index_fill_(0, source, i + 1)  # every live row ran block i; survivors are raised later
+                rows, cum, source = rows.index_select(0, live), cum.index_select(0, live), source.index_select(0, live)
+                cu = torch.searchsorted(source, starts, out_int32=True)  # first row of every image
+        depth.index_fill_(0, source, n_blocks)
+        logits = self.net.fc(self.net.norm(rows.index_select(0, cu[:-1])))  # the class token opens every slice
         depth = depth.view(b, n)
         return logits, {"depth": depth, "token_layers": depth.float().mean() / n_blocks}
 
