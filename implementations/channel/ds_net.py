@@ -171,7 +171,7 @@ def _sliced(conv: nn.Conv2d, x: Tensor, in_w: Tensor | None, out: int, kernel: b
     if in_w is None and not kernel:
         return F.conv2d(x, w, None, conv.stride, conv.padding)
     if in_w is None:
-        in_w = torch.full((len(x),), x.shape[1], dtype=torch.long)
+        in_w = torch.full((len(x),), x.shape[1], dtype=torch.long, device=x.device)
     return sliced_conv2d(x, in_w, torch.full_like(in_w, out), w, None, conv.stride, conv.padding)
 
 
@@ -249,7 +249,7 @@ class DSResNet(nn.Module):
         if in_w is None and not kernel:
             out = F.linear(pooled, weight, fc.bias)
         else:
-            in_w = torch.full((len(x),), pooled.shape[1], dtype=torch.long) if in_w is None else in_w
+            in_w = torch.full((len(x),), pooled.shape[1], dtype=torch.long, device=x.device) if in_w is None else in_w
             out = sliced_linear(pooled, in_w, torch.full_like(in_w, fc.out_features), weight, fc.bias)
         return out, self._info(choices, gate_logits)
 
@@ -277,7 +277,7 @@ class DSResNet(nn.Module):
             return outs[0][1], None
         widest = max(y.shape[1] for _, y in outs)
         out = outs[0][1].new_zeros(len(h), widest, *outs[0][1].shape[2:])
-        out_w = torch.empty(len(h), dtype=torch.long)
+        out_w = torch.empty(len(h), dtype=torch.long, device=h.device)
         for rows, y in outs:
             out[rows, : y.shape[1]] = y
             out_w[rows] = y.shape[1]
@@ -358,7 +358,7 @@ class DSResNet(nn.Module):
 
     def _info(self, choices: list[Tensor], gate_logits: list[Tensor]) -> dict:
         ch = torch.stack(choices)
-        ratios = torch.tensor(self.cfg.widths)[ch]
+        ratios = torch.tensor(self.cfg.widths, device=ch.device)[ch]
         return {"choices": ch, "widths": ratios, "gate_logits": gate_logits}
 
 
