@@ -32,8 +32,11 @@ def cpu_model() -> str:
 def git_commit(root: Path = REPO_ROOT) -> str:
     """The checked-out commit (with ``-dirty`` when tracked files changed), or ``unknown``.
 
-    Without git (a copied tree, e.g. on a GPU machine) ``DYNNET_COMMIT`` or ``GITHUB_SHA`` names it.
+    ``DYNNET_COMMIT`` overrides it (a tree copied to a GPU machine may carry an older ``.git``);
+    without git, ``GITHUB_SHA`` names it.
     """
+    if os.environ.get("DYNNET_COMMIT"):  # set explicitly (e.g. a copied tree whose .git is older)
+        return os.environ["DYNNET_COMMIT"]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
@@ -44,7 +47,7 @@ def git_commit(root: Path = REPO_ROOT) -> str:
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("DYNNET_COMMIT") or os.environ.get("GITHUB_SHA", "unknown")
+        return os.environ.get("GITHUB_SHA", "unknown")
 
 
 def triton_version() -> str | None:
