@@ -16,6 +16,7 @@ set -u
 OUT=${1:?usage: gpu_session.sh OUTDIR [METHOD_SECONDS]}
 METHOD_S=${2:-240}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: the results are packed from inside OUT/results
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG="$OUT/session.log"

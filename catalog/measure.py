@@ -148,9 +148,9 @@ def measure(module: ModuleType, cfg: Any, batch_size: int, device: str | torch.d
         x = count_x[:batch_size]
     with exact_fp32(device):
         result = count_pair(dense, dynamic, count_x, module)
-    with torch.inference_mode(), exact_fp32(device):
-        timed = timing.compare(lambda: _first(dense(x)), lambda: _first(dynamic(x)), device=device,
-                               min_time_s=min_time_s)
+        with torch.inference_mode():
+            timed = timing.compare(lambda: _first(dense(x)), lambda: _first(dynamic(x)), device=device,
+                                   min_time_s=min_time_s)
     dense_stats, dynamic_stats = timed["dense"], timed["dynamic"]
     speedup = timed["speedup"]
     return {

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from catalog import cli, measure
 from catalog.cli_measure import RUN_KEYS, _config
@@ -96,3 +97,19 @@ def test_bench_reports_a_failing_entry_and_goes_on(tmp_path, monkeypatch, capsys
     assert written == ["convnet_aig"] and (tmp_path / "convnet_aig.json").exists()
     assert "branchynet: RuntimeError: boom in the forward pass" in err
     assert "1 of 2 entries failed" in err
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_exact_fp32_turns_tf32_off_on_cuda_only_and_restores_it(flag):
+    """Measuring on CUDA: dense cuDNN/cuBLAS may not use TF32 while the Triton kernels compute exact fp32."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32 = matmul.allow_tf32 = flag
+        with measure.exact_fp32(torch.device("cuda")):  # only flags are touched: no GPU needed
+            assert not cudnn.allow_tf32 and not matmul.allow_tf32
+        assert cudnn.allow_tf32 is flag and matmul.allow_tf32 is flag
+        with measure.exact_fp32(torch.device("cpu")):
+            assert cudnn.allow_tf32 is flag and matmul.allow_tf32 is flag
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
