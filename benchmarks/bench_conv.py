@@ -36,9 +36,16 @@ import torch.nn.functional as F
 from benchmarks._graphs import GRAPH_CALLS, capture
 from catalog.env import environment
 from catalog.timing import physical_cores, time_interleaved
-from kernels import _backend
+from kernels import _backend, _native
 from kernels.block_conv import BLOCK_CONV2D_BREAK_EVEN, block_conv2d, block_conv2d_macs, block_positions
-from kernels.sparse_conv import SPARSE_CONV2D_BREAK_EVEN, conv2d_macs, sparse_conv2d, sparse_conv2d_macs
+from kernels.sparse_conv import (
+    FUSED_BREAK_EVEN,
+    SPARSE_CONV2D_BREAK_EVEN,
+    conv2d_macs,
+    cpu_break_even,
+    sparse_conv2d,
+    sparse_conv2d_macs,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DENSITIES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
@@ -86,7 +93,7 @@ def bench_row(
         mask = make_mask(kind, (batch, size, size), density, gen).to(device)
         executed = float(mask.float().mean())
         macs = sparse_conv2d_macs(mask, weight.shape)
-        break_even = SPARSE_CONV2D_BREAK_EVEN.get(device.type, 1.0)
+        break_even = cpu_break_even(x, weight, 1, SPARSE_CONV2D_BREAK_EVEN)  # the value auto uses here
 
         def run(backend: str) -> torch.Tensor:
             return sparse_conv2d(x, mask, weight, bias, padding=1, backend=backend)
@@ -95,7 +102,8 @@ def bench_row(
         mask = make_mask(kind, (batch, blocks, blocks), density, gen).to(device)
         executed = float(block_positions(mask, size, size, BLOCK_SIZE).sum()) / (batch * size * size)
         macs = block_conv2d_macs(mask, (size, size), BLOCK_SIZE, weight.shape)
-        break_even = BLOCK_CONV2D_BREAK_EVEN.get(device.type, 1.0)
+        break_even = (cpu_break_even(x, weight, 1, BLOCK_CONV2D_BREAK_EVEN) if not channels_last
+                      else BLOCK_CONV2D_BREAK_EVEN.get(device.type, 1.0))  # NCHW blocks run the fused kernel
 
         def run(backend: str) -> torch.Tensor:
             return block_conv2d(x, mask, weight, bias, padding=1, block_size=BLOCK_SIZE, backend=backend)
@@ -282,7 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "benchmarks.bench_conv",
         "command": " ".join(["python -m benchmarks.bench_conv", *(argv if argv is not None else sys.argv[1:])]),
         "environment": env,
-        "break_even_constants": {"sparse_conv2d": SPARSE_CONV2D_BREAK_EVEN, "block_conv2d": BLOCK_CONV2D_BREAK_EVEN},
+        "break_even_constants": {"sparse_conv2d": SPARSE_CONV2D_BREAK_EVEN, "block_conv2d": BLOCK_CONV2D_BREAK_EVEN,
+                                 "fused_cpu_kernel": FUSED_BREAK_EVEN},
+        "native_cpu_kernel": _native.usable(torch.zeros(1), torch.zeros(1)),
         "break_even_measured": {op: break_even_estimate(rows, op) for op in ("sparse_conv2d", "block_conv2d")},
         "rows": rows,
     }

@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
               "environment": environment(device, dtype, layout="contiguous"),
               "load_average_before": _load_average()}
     benches = {"sweep": bench_sweep, "routed": bench_routed, "sliced": bench_sliced, "tokens": bench_tokens, "attention": bench_attention}
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: weights stay ordinary tensors, as a model's parameters are
         for name in args.sections.split(","):
             result[name] = benches[name](device, dtype, args.quick, reps)
     result["load_average_after"] = _load_average()

@@ -55,7 +55,7 @@ def code_hash(entry: Any) -> str:
     digest = hashlib.sha256()
     files = [REPO_ROOT / entry.implementation.module]
     for folder in SHARED_CODE:
-        files += sorted((REPO_ROOT / folder).rglob("*.py"))
+        files += sorted((REPO_ROOT / folder).rglob("*.py")) + sorted((REPO_ROOT / folder).rglob("*.c"))
     for path in files:
         digest.update(str(path.relative_to(REPO_ROOT)).encode())
         digest.update(path.read_bytes())

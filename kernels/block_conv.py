@@ -5,8 +5,8 @@
 bottom/right border included) and exactly 0 elsewhere.
 
 Paths (``kernels._backend``):
-- ``reference`` / ``dense``: the dense conv, then zero outside the active blocks (counted dense; see
-  ``sparse_conv.zero_outside`` for the one difference between the two).
+- ``reference`` / ``dense``: the dense conv, then zero outside the active blocks (counted dense; the
+  ``dense`` fallback of ``auto`` zeroes through ``sparse_conv.zero_outside``).
 - ``cpu`` (``CPU_ROUTE``): ``im2col`` runs sparse_conv2d's gather-GEMM-scatter over the pixels of the
   active blocks (border blocks clipped, so exactly the counted MACs run); ``windows`` gathers each
   active block's input window with its halo (NHWC rows of a zero-bordered copy of ``x``), runs
@@ -41,6 +41,7 @@ from kernels.sparse_conv import (
     auto_density,
     check_conv_args,
     conv2d_macs,
+    cpu_break_even,
     cpu_sparse_conv,
     masked_conv_backward,
     output_format,
@@ -163,13 +164,17 @@ def _block_dest_table(g: ConvGeometry, block_size: int, device: torch.device) ->
     return dest.reshape(g.batch * hb * wb, block_size * block_size)
 
 
+def _cpu_block_route(x: Tensor) -> str:
+    """The CPU route that runs for ``x``: ``CPU_ROUTE``, with ``auto`` resolved by layout."""
+    if CPU_ROUTE != "auto":
+        return CPU_ROUTE
+    return "windows" if output_format(x) == torch.channels_last else "im2col"
+
+
 def _cpu_block_conv(
     x: Tensor, block_mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, block_size: int
 ) -> Tensor:
-    route = CPU_ROUTE
-    if route == "auto":
-        route = "windows" if output_format(x) == torch.channels_last else "im2col"
-    if route == "im2col":
+    if _cpu_block_route(x) == "im2col":
         pixels = expand_block_mask(block_mask, g.out_height, g.out_width, block_size)
         return cpu_sparse_conv(x, pixels, weight, bias, g)
     return _cpu_block_conv_windows(x, block_mask, weight, bias, g, block_size)
@@ -308,7 +313,9 @@ def block_conv2d(
     check_bool_mask("block_mask", block_mask, (g.batch, hb, wb), f"the conv output in {block_size}x{block_size} blocks")
     if block_mask.device != x.device:
         check_device("block_mask", block_mask, x.device)
-    break_even = BLOCK_CONV2D_BREAK_EVEN.get(x.device.type, 1.0)
+    fused = _cpu_block_route(x) == "im2col"
+    break_even = cpu_break_even(x, weight, g.groups, BLOCK_CONV2D_BREAK_EVEN) if fused else \
+        BLOCK_CONV2D_BREAK_EVEN.get(x.device.type, 1.0)
 
     def executed() -> float:  # fraction of output positions inside active blocks (clipped)
         positions = block_positions(block_mask, g.out_height, g.out_width, block_size).sum()

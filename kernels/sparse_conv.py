@@ -5,9 +5,13 @@ groups)`` where ``mask`` (bool ``(N, Hout, Wout)``) is true and exactly 0 elsewh
 
 Paths (``kernels._backend``):
 - ``reference`` / ``dense``: the dense conv, then zero outside the mask (counted dense). ``reference`` is
-  the oracle (``masked_fill``); ``dense``, what ``auto`` falls back to, multiplies by the mask (cheaper;
-  only differs where the dense output is inf/NaN at a masked-out position: NaN instead of 0).
-- ``cpu``: gathers the ``kh*kw`` receptive field of every active output into a patch matrix, runs one
+  the oracle (``masked_fill``); ``dense``, what ``auto`` falls back to, writes zeros only at the inactive
+  positions (``zero_outside``); both give the same result.
+- ``cpu``: NCHW float32 inputs with ``groups=1`` run a native direct-conv kernel (``_native.c``, built
+  on first use; AVX-512): per register tile of 6 active pixels x 64 output channels it accumulates
+  over every input channel and tap straight from a zero-framed copy of ``x`` and writes the NCHW
+  output, so no patch matrix is materialized. Otherwise (no compiler or AVX-512, other dtypes,
+  groups, channels_last) it gathers the ``kh*kw`` receptive field of every active output into a patch matrix, runs one
   GEMM against the weight and scatters the results into a zero output. NCHW inputs (``CPU_ROUTE =
   "nchw"``) gather channel-major columns ``[Cin*kh*kw, n_active]`` from a zero-bordered ``(C, N, H, W)``
   copy, so neither the input nor the output is transposed; channels_last inputs gather NHWC rows
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from kernels import _backend
+from kernels import _backend, _native
 from kernels._backend import dispatch_free
 from kernels._checks import (
     FLOAT_DTYPES,
@@ -60,10 +64,15 @@ from kernels._checks import (
 # slower than cuDNN at every measured density down to 0.05 (its ~0.22 ms per call is launch and
 # Python overhead), so ``auto`` always runs dense on CUDA; ``backend="triton"`` still forces it.
 SPARSE_CONV2D_BREAK_EVEN = {"cpu": 0.4, "cuda": 0.0}
+# The same where the CPU path is the fused native kernel: with it, ``bench_conv --quick`` (2 threads,
+# wall clock) measured the cpu path at 1.02-1.14x the dense conv at densities 0.75-0.9, so ``auto``
+# never falls back there.
+FUSED_BREAK_EVEN = 1.0
 
-# CPU route for NCHW inputs: "nchw" gathers channel-major patches from an NCHW copy (no transposes);
-# "nhwc" converts to NHWC rows (channels_last inputs always take the NHWC route).
-CPU_ROUTE = "nchw"
+# CPU route for NCHW inputs: "fused" runs the native direct-conv kernel (``_native.c``: float32,
+# groups=1, AVX-512; otherwise "nchw" runs); "nchw" gathers channel-major patches from an NCHW copy
+# (no transposes) for one GEMM; "nhwc" converts to NHWC rows (channels_last inputs always take it).
+CPU_ROUTE = "fused"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,6 +273,54 @@ def padded_cnhw(x: Tensor, top: int, left: int, rows: int, cols: int) -> Tensor:
     return buf
 
 
+def padded_nchw(x: Tensor, top: int, left: int, rows: int, cols: int) -> Tensor:
+    """``x (N, C, H, W)`` inside a zero frame ``(N, C, rows, cols)`` at ``(top, left)`` (cached per-thread buffer).
+
+    ``x`` itself when no frame is needed and it is contiguous.
+    """
+    n, c, h, w = x.shape
+    if top == 0 and left == 0 and rows == h and cols == w and x.is_contiguous():
+        return x
+    key = ("nchw", n, c, h, w, top, left, rows, cols, x.dtype, x.device, torch.is_inference_mode_enabled())
+    buf = _WORKSPACE.padded.pop(key, None)
+    if buf is None:
+        buf = torch.zeros(n, c, rows, cols, dtype=x.dtype, device=x.device)
+    _WORKSPACE.padded[key] = buf
+    while len(_WORKSPACE.padded) > _WORKSPACE.max_padded:
+        _WORKSPACE.padded.popitem(last=False)
+    hh, ww = min(h, rows - top), min(w, cols - left)
+    buf[:, :, top : top + hh, left : left + ww].copy_(x[:, :, :hh, :ww])
+    return buf
+
+
+def packed_weight(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``weight (Cout, Cin, kh, kw)`` as ``(Cin*kh*kw, Cout16)`` and bias as ``(Cout16,)``, Cout padded to 16,
+    cached until either changes (``_native.packed``)."""
+    return _native.packed(weight, bias, _native.pack_conv)
+
+
+def fused_applies(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """Whether the cpu path of these arguments is the fused native kernel (NCHW float32, groups=1)."""
+    return (CPU_ROUTE == "fused" and groups == 1 and x.device.type == "cpu"
+            and output_format(x) != torch.channels_last and _native.usable(x, weight))
+
+
+def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, float]) -> float:
+    """``auto``'s break-even density for these arguments: the fused kernel's, or the op's per device."""
+    if x.device.type == "cpu" and fused_applies(x, weight, groups):
+        return FUSED_BREAK_EVEN
+    return table.get(x.device.type, 1.0)
+
+
+def _fused_route(x: Tensor, active: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry) -> Tensor | None:
+    """Direct conv at the active pixels by the native AVX-512 kernel (NCHW in and out); None if unavailable."""
+    rows, cols = padded_extent(g, g.out_height, g.out_width)
+    xp = padded_nchw(x, g.padding[0], g.padding[1], rows, cols)
+    wt, bt = packed_weight(weight, bias)
+    out = torch.empty(g.batch, g.out_channels, g.out_height, g.out_width, dtype=x.dtype, device=x.device)
+    return out if _native.sparse_conv(xp, active, g, wt, bt, out) else None
+
+
 def padded_extent(g: ConvGeometry, out_rows: int, out_cols: int) -> tuple[int, int]:
     """Rows and columns of the zero-framed input that ``out_rows x out_cols`` outputs read."""
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = g.kernel, g.stride, g.dilation, g.padding
@@ -376,19 +433,32 @@ def cpu_sparse_conv(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None
         return x.new_zeros(g.batch, g.out_channels, g.out_height, g.out_width).contiguous(memory_format=fmt)
     if fmt == torch.channels_last or CPU_ROUTE == "nhwc":
         return _nhwc_route(x, active, weight, bias, g).contiguous(memory_format=fmt)
+    if fused_applies(x, weight, g.groups):
+        out = _fused_route(x, active, weight, bias, g)
+        if out is not None:
+            return out
     return _nchw_route(x, active, mask, weight, bias, g).contiguous(memory_format=fmt)
 
 
 def zero_outside(out: Tensor, pixels: Tensor, exact: bool) -> Tensor:
     """Zero ``out (N, C, H, W)`` where ``pixels (N, H, W)`` is false, in place.
 
-    ``exact``: ``masked_fill`` (the oracle: 0 even where ``out`` is inf/NaN). Otherwise a multiply by
-    the mask, several times cheaper (broadcast ``masked_fill`` is slow on CPU); it gives +-0 for finite
-    values but NaN where the dense output was not finite. Used by the ``dense`` fallback.
+    ``exact``: ``masked_fill`` (the oracle). Otherwise only the inactive positions are written: their
+    flat offsets (from ``out``'s strides, NCHW or channels_last) go to one ``index_fill_``, several
+    times cheaper than a pass over the whole output (broadcast ``masked_fill`` is slow on CPU). Both
+    give exactly 0 outside the mask, even where the dense output was inf/NaN.
     """
-    if exact:
+    dense_layout = out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)
+    if exact or not dense_layout:
         return out.masked_fill_(~pixels.unsqueeze(1), 0)
-    return out.mul_(pixels.unsqueeze(1).to(out.dtype))
+    off = (~pixels).nonzero()  # (k, 3): sample, row, column
+    if off.numel() == 0:
+        return out
+    sn, sc, sh, sw = out.stride()
+    base = off[:, 0] * sn + off[:, 1] * sh + off[:, 2] * sw
+    index = (base.unsqueeze(1) + torch.arange(out.shape[1], device=out.device) * sc).reshape(-1)
+    out.as_strided((out.numel(),), (1,)).index_fill_(0, index, 0)
+    return out
 
 
 def _dense_masked(
@@ -509,7 +579,7 @@ def sparse_conv2d(
     check_bool_mask("mask", mask, (g.batch, g.out_height, g.out_width), "the conv output")
     if mask.device != x.device:
         check_device("mask", mask, x.device)
-    break_even = SPARSE_CONV2D_BREAK_EVEN.get(x.device.type, 1.0)
+    break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN)
     density = auto_density(backend, break_even, lambda: float(mask.sum()) / max(1, mask.numel()))
     path = _backend.resolve(backend, x.device, density, break_even)
     if dispatch_free(x, mask, weight, bias):

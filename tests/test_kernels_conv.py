@@ -122,7 +122,7 @@ def test_every_cpu_route_matches_reference(case: str, monkeypatch: pytest.Monkey
         mask = random_mask((n, ho, wo), 0.5)
         block_mask = random_mask((n, -(-ho // 3), -(-wo // 3)), 0.5)
         pixels = expand_block_mask(block_mask, ho, wo, 3)
-        for route in ("nchw", "nhwc"):
+        for route in ("fused", "nchw", "nhwc"):
             monkeypatch.setattr(sparse_mod, "CPU_ROUTE", route)
             out = sparse_conv2d(x, mask, weight, bias, **conv, backend="cpu")
             torch.testing.assert_close(out, ref * mask.unsqueeze(1), rtol=1e-10, atol=1e-10)
@@ -410,10 +410,12 @@ def test_auto_falls_back_to_dense_above_break_even(op: str, monkeypatch: pytest.
     density = float(pixels.float().mean())
     assert sparse_macs < dense_macs
     monkeypatch.setitem(table, "cpu", density - 0.01)  # above break-even: dense runs and is counted
+    monkeypatch.setattr(sparse_mod, "FUSED_BREAK_EVEN", density - 0.01)  # (float32 NCHW: the fused kernel's)
     macs, _ = executed_macs(run)
     assert macs == dense_macs
     torch.testing.assert_close(run(), ref * pixels.unsqueeze(1), rtol=1e-5, atol=1e-5)
     monkeypatch.setitem(table, "cpu", density + 0.01)  # below: the cpu path
+    monkeypatch.setattr(sparse_mod, "FUSED_BREAK_EVEN", density + 0.01)
     assert executed_macs(run)[0] == sparse_macs
     torch.testing.assert_close(run(), ref * pixels.unsqueeze(1), rtol=1e-5, atol=1e-5)
 
@@ -422,6 +424,21 @@ def test_break_even_constants_are_fractions() -> None:
     for table in (sparse_mod.SPARSE_CONV2D_BREAK_EVEN, block_mod.BLOCK_CONV2D_BREAK_EVEN):
         assert set(table) == {"cpu", "cuda"}
         assert all(0.0 <= v <= 1.0 for v in table.values())
+    assert 0.0 <= sparse_mod.FUSED_BREAK_EVEN <= 1.0
+
+
+def test_break_even_follows_the_route_that_would_run() -> None:
+    """The fused kernel's break-even applies only where it runs (NCHW float32, groups=1, AVX-512 build)."""
+    from kernels import _native  # noqa: PLC0415
+
+    table = sparse_mod.SPARSE_CONV2D_BREAK_EVEN
+    x, weight = torch.randn(1, 4, 6, 6), torch.randn(4, 4, 3, 3)
+    fused = _native.usable(x, weight)
+    assert sparse_mod.cpu_break_even(x, weight, 1, table) == (sparse_mod.FUSED_BREAK_EVEN if fused else table["cpu"])
+    assert sparse_mod.cpu_break_even(x.double(), weight.double(), 1, table) == table["cpu"]
+    assert sparse_mod.cpu_break_even(x, torch.randn(4, 2, 3, 3), 2, table) == table["cpu"]
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert sparse_mod.cpu_break_even(cl, weight, 1, table) == table["cpu"]
 
 
 # --------------------------------------------------------------------------------------------------

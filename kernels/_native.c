@@ -1,0 +1,291 @@
+/* Native CPU kernel of sparse_conv2d / block_conv2d (kernels/_native.py builds and loads this file).
+ *
+ * Gather-GEMM-scatter in PyTorch writes a patch matrix kh*kw times the size of the active input and
+ * then streams it through the GEMM; on a 2-core machine that data movement costs about as much as
+ * the arithmetic. The kernel here computes each active output directly from the input instead.
+ * Functions take contiguous buffers and int64 sizes; nothing here allocates tensor memory or holds
+ * state between calls.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+#if !defined(_OPENMP)
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t begin, end;
+} job_t;
+
+static void *run_job(void *arg) {
+    job_t *job = (job_t *)arg;
+    job->fn(job->ctx, job->begin, job->end);
+    return NULL;
+}
+#endif
+
+/* fn over [0, total) split into `threads` contiguous ranges; runs inline when threads <= 1. Built with
+ * OpenMP, the ranges run on the process's OpenMP pool: torch's own libgomp (already loaded, same
+ * soname), whose workers are awake right after a torch op; starting POSIX threads instead costs
+ * ~30 us per call and competes with those spinning workers for the cores. */
+static void parallel_range(range_fn fn, void *ctx, int64_t total, int threads) {
+    if (threads > total) threads = (int)total;
+    if (threads <= 1) {
+        fn(ctx, 0, total);
+        return;
+    }
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
+        fn(ctx, total * t / count, total * (t + 1) / count);
+    }
+#else
+    if (threads > 16) threads = 16;
+    pthread_t tid[16];
+    job_t jobs[16];
+    int started[16] = {0};
+    for (int t = 0; t < threads; t++) {
+        jobs[t].fn = fn;
+        jobs[t].ctx = ctx;
+        jobs[t].begin = total * t / threads;
+        jobs[t].end = total * (t + 1) / threads;
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&tid[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else run_job(&jobs[t]); /* no thread available: do that share here */
+    }
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Fused sparse conv (float32, AVX-512): for every active output pixel, the direct convolution over a
+ * zero-padded NCHW input, written straight into the NCHW output. A register tile holds 6 pixels x
+ * 16*NV output channels; the weight is pre-packed in column blocks of 16*TILE_VECTORS output channels
+ * (the last block narrower), each block (Cin*kh*kw, width) contiguous, Cout padded to a multiple of
+ * 16 with zero columns (pack_conv in _native.py); each input value is a broadcast load, so no patch
+ * matrix is ever written. Returns 0 (and does nothing) when compiled without AVX-512. */
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES 24576
+#endif
+#ifndef TILE_GROUP
+#define TILE_GROUP 16
+#endif
+#ifndef TILE_PIXELS
+#define TILE_PIXELS 6
+#endif
+#ifndef TILE_VECTORS
+#define TILE_VECTORS 4
+#endif
+
+typedef struct {
+    const float *xpad, *wt, *bias;
+    const int64_t *base, *dest, *taps;
+    int64_t n, C, T, plane, Co, co16, hwo;
+    float *out;
+} conv_ctx_t;
+
+#if defined(__AVX512F__)
+/* One register tile: TILE_PIXELS pixels x 16*NV output channels from cb, input channels [c0, c1).
+ * first: start from the bias (else from acc_buf); last: write the result into the NCHW output (else
+ * back into acc_buf). Splitting the input channels keeps the tile's weight slice in L1. */
+#define DEFINE_TILE(NV)                                                                                        \
+    static void conv_tile_##NV(const conv_ctx_t *k, const int64_t *base, const int64_t *dest, int count,      \
+                               int64_t cb, int64_t c0, int64_t c1, float *acc_buf, int first, int last) {     \
+        __m512 acc[NV][TILE_PIXELS];                                                                          \
+        for (int v = 0; v < NV; v++) {                                                                        \
+            const __m512 b0 = k->bias ? _mm512_loadu_ps(k->bias + cb + 16 * v) : _mm512_setzero_ps();         \
+            for (int p = 0; p < TILE_PIXELS; p++)                                                             \
+                acc[v][p] = first ? b0 : _mm512_loadu_ps(acc_buf + (p * NV + v) * 16);                        \
+        }                                                                                                     \
+        const float *src[TILE_PIXELS];                                                                        \
+        for (int p = 0; p < TILE_PIXELS; p++) src[p] = k->xpad + base[p < count ? p : count - 1];             \
+        const float *w = k->wt + cb * k->C * k->T + c0 * k->T * 16 * NV; /* block of 16*NV columns */        \
+        for (int64_t c = c0; c < c1; c++) {                                                                   \
+            for (int64_t t = 0; t < k->T; t++, w += 16 * NV) {                                                \
+                const int64_t off = c * k->plane + k->taps[t];                                                \
+                __m512 wv[NV];                                                                                \
+                for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_ps(w + 16 * v);                             \
+                for (int p = 0; p < TILE_PIXELS; p++) {                                                       \
+                    const __m512 xv = _mm512_set1_ps(src[p][off]);                                            \
+                    for (int v = 0; v < NV; v++) acc[v][p] = _mm512_fmadd_ps(wv[v], xv, acc[v][p]);           \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        if (!last) {                                                                                          \
+            for (int p = 0; p < TILE_PIXELS; p++)                                                             \
+                for (int v = 0; v < NV; v++) _mm512_storeu_ps(acc_buf + (p * NV + v) * 16, acc[v][p]);        \
+            return;                                                                                           \
+        }                                                                                                     \
+        float lanes[16];                                                                                      \
+        for (int p = 0; p < count; p++)                                                                       \
+            for (int v = 0; v < NV; v++) {                                                                    \
+                _mm512_storeu_ps(lanes, acc[v][p]);                                                           \
+                const int64_t co0 = cb + 16 * v;                                                              \
+                const int64_t lim = k->Co - co0 < 16 ? k->Co - co0 : 16;                                      \
+                if (k->hwo == 1 && lim == 16) { /* row-major output (routed_linear): one vector store */      \
+                    _mm512_storeu_ps(k->out + dest[p] + co0, acc[v][p]);                                      \
+                    continue;                                                                                 \
+                }                                                                                             \
+                for (int64_t l = 0; l < lim; l++) k->out[dest[p] + (co0 + l) * k->hwo] = lanes[l];            \
+            }                                                                                                 \
+    }
+DEFINE_TILE(1)
+DEFINE_TILE(2)
+DEFINE_TILE(3)
+DEFINE_TILE(4)
+
+/* Input channels per pass: the weight slice of a pass (chunk x taps x 16*TILE_VECTORS floats) stays
+ * within ~24 KB of L1. */
+static int64_t channel_chunk(int64_t T) {
+    int64_t chunk = CHUNK_BYTES / (T * 16 * TILE_VECTORS * 4);
+    return chunk < 1 ? 1 : chunk;
+}
+
+/* Register tiles [i0, i1) of one weight (tile i: pixels / rows [6i, 6i + 6) of k->base, k->dest). */
+static void run_tiles(const conv_ctx_t *k, int64_t i0, int64_t i1) {
+    const int64_t tile_floats = TILE_PIXELS * 16 * TILE_VECTORS, chunk = channel_chunk(k->T);
+    const int64_t group = TILE_GROUP < i1 - i0 ? TILE_GROUP : i1 - i0;
+    float *acc_buf = chunk < k->C ? (float *)malloc(sizeof(float) * tile_floats * (group > 0 ? group : 1)) : NULL;
+    const int64_t step = acc_buf ? chunk : k->C; /* no scratch: one pass over all channels */
+    for (int64_t g0 = i0; g0 < i1; g0 += TILE_GROUP) { /* a group's inputs and partial sums stay in L2 */
+        const int64_t g1 = g0 + TILE_GROUP < i1 ? g0 + TILE_GROUP : i1;
+        for (int64_t cb = 0; cb < k->co16; cb += 16 * TILE_VECTORS) {
+            const int64_t nv = (k->co16 - cb) / 16 < TILE_VECTORS ? (k->co16 - cb) / 16 : TILE_VECTORS;
+            for (int64_t c0 = 0; c0 < k->C; c0 += step) {
+                const int64_t c1 = c0 + step < k->C ? c0 + step : k->C;
+                for (int64_t i = g0; i < g1; i++) {
+                    const int64_t j0 = i * TILE_PIXELS;
+                    const int count = (int)(k->n - j0 < TILE_PIXELS ? k->n - j0 : TILE_PIXELS);
+                    float *buf = acc_buf ? acc_buf + (i - g0) * tile_floats : NULL;
+                    const int first = c0 == 0, last = c1 == k->C;
+                    if (nv == 4) conv_tile_4(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
+                    else if (nv == 3) conv_tile_3(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
+                    else if (nv == 2) conv_tile_2(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
+                    else conv_tile_1(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
+                }
+            }
+        }
+    }
+    free(acc_buf);
+}
+
+static void conv_range(void *arg, int64_t i0, int64_t i1) { run_tiles((const conv_ctx_t *)arg, i0, i1); }
+
+/* routed_linear: one conv_ctx_t per expert (1x1 "conv" over its rows); tiles numbered globally, the
+ * tiles of one expert consecutive. */
+typedef struct {
+    const conv_ctx_t *experts;
+    const int64_t *tile_expert, *tile_local;
+} routed_ctx_t;
+
+static void routed_range(void *arg, int64_t i0, int64_t i1) {
+    const routed_ctx_t *r = (const routed_ctx_t *)arg;
+    for (int64_t i = i0; i < i1;) {
+        int64_t j = i;
+        while (j < i1 && r->tile_expert[j] == r->tile_expert[i]) j++;
+        run_tiles(&r->experts[r->tile_expert[i]], r->tile_local[i], r->tile_local[i] + (j - i));
+        i = j;
+    }
+}
+#endif
+
+/* 1 when this build has the fused kernel (compiled for a CPU with AVX-512), else 0. */
+int has_sparse_conv(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int sparse_conv_f32(const float *xpad, int64_t N, int64_t C, int64_t Hp, int64_t Wp, const int64_t *act, int64_t n,
+                    int64_t Ho, int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                    const float *wt, int64_t Co, int64_t co16, const float *bias, float *out, int threads) {
+#if defined(__AVX512F__)
+    const int64_t hwo = Ho * Wo, T = kh * kw;
+    int64_t *base = (int64_t *)malloc(sizeof(int64_t) * (2 * (n > 0 ? n : 1) + T));
+    if (base == NULL) return 0;
+    int64_t *dest = base + (n > 0 ? n : 1), *taps = dest + (n > 0 ? n : 1);
+    for (int64_t ky = 0; ky < kh; ky++)
+        for (int64_t kx = 0; kx < kw; kx++) taps[ky * kw + kx] = ky * dh * Wp + kx * dw;
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t img = act[j] / hwo, p = act[j] % hwo, oy = p / Wo, ox = p % Wo;
+        base[j] = img * C * Hp * Wp + oy * sh * Wp + ox * sw;
+        dest[j] = img * Co * hwo + p;
+    }
+    memset(out, 0, sizeof(float) * N * Co * hwo);
+    conv_ctx_t k = {xpad, wt, bias, base, dest, taps, n, C, T, Hp * Wp, Co, co16, hwo, out};
+    parallel_range(conv_range, &k, (n + TILE_PIXELS - 1) / TILE_PIXELS, threads);
+    free(base);
+    return 1;
+#else
+    (void)xpad; (void)N; (void)C; (void)Hp; (void)Wp; (void)act; (void)n; (void)Ho; (void)Wo; (void)kh; (void)kw;
+    (void)sh; (void)sw; (void)dh; (void)dw; (void)wt; (void)Co; (void)co16; (void)bias; (void)out; (void)threads;
+    return 0;
+#endif
+}
+
+/* out[t] = x[t] @ W[route[t]] (+ bias[route[t]]): x (T, Cin) rows, wt (E, Cin, co16) the weights
+ * transposed with Cout padded to co16, bias (E, co16) or NULL, out (T, Cout). Rows are grouped by
+ * expert with a counting sort (no data moves), each expert's rows run through its register tiles and
+ * land directly in their output rows. Returns 1 when done, 0 without AVX-512 or memory, -1 when a
+ * route value is outside [0, E) (nothing written). */
+int routed_linear_f32(const float *x, int64_t T, int64_t Cin, const int64_t *route, int64_t E, const float *wt,
+                      const float *bias, int64_t Co, int64_t co16, float *out, int threads) {
+#if defined(__AVX512F__)
+    for (int64_t t = 0; t < T; t++)
+        if (route[t] < 0 || route[t] >= E) return -1;
+    int64_t *offsets = (int64_t *)calloc((size_t)(E + 1), sizeof(int64_t));
+    int64_t *base = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * T + 1));
+    conv_ctx_t *experts = (conv_ctx_t *)malloc(sizeof(conv_ctx_t) * (size_t)E);
+    int64_t *tiles = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * (T + E) + 2));
+    static const int64_t tap0 = 0;
+    int done = 0;
+    if (offsets && base && experts && tiles) {
+        int64_t *dest = base + T, *fill = tiles; /* fill: per-expert write cursor, reused below */
+        for (int64_t t = 0; t < T; t++) offsets[route[t] + 1]++;
+        for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+        for (int64_t e = 0; e < E; e++) fill[e] = offsets[e];
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t j = fill[route[t]]++;
+            base[j] = t * Cin;
+            dest[j] = t * Co;
+        }
+        int64_t *tile_expert = tiles, *tile_local = tiles + T + E + 1, nt = 0;
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t n = offsets[e + 1] - offsets[e];
+            const conv_ctx_t k = {x, wt + e * Cin * co16, bias ? bias + e * co16 : NULL, base + offsets[e],
+                                  dest + offsets[e], &tap0, n, Cin, 1, 1, Co, co16, 1, out};
+            experts[e] = k;
+            for (int64_t i = 0; i * TILE_PIXELS < n; i++, nt++) {
+                tile_expert[nt] = e;
+                tile_local[nt] = i;
+            }
+        }
+        routed_ctx_t r = {experts, tile_expert, tile_local};
+        parallel_range(routed_range, &r, nt, threads);
+        done = 1;
+    }
+    free(offsets);
+    free(base);
+    free(experts);
+    free(tiles);
+    return done;
+#else
+    (void)x; (void)T; (void)Cin; (void)route; (void)E; (void)wt; (void)bias; (void)Co; (void)co16; (void)out;
+    (void)threads;
+    return 0;
+#endif
+}
