@@ -2,8 +2,8 @@
 
 Method (see the design's Latency section):
 - every function runs in the same process; after ``warmup`` untimed calls each, the timed calls go
-  round-robin, one call of each function per round, the starting function rotating every round, so
-  drift (thermal, frequency, other load) and cache effects of the predecessor hit all equally;
+  round-robin, one call of each function per round, the order changing every round (``round_order``),
+  so drift (thermal, frequency, other load) and cache effects of the predecessor hit all equally;
 - rounds continue until every function has at least ``repeats`` samples **and** at least
   ``min_time_s`` of measured time, or ``max_repeats`` rounds were run;
 - a fixed torch thread count (default: the physical cores this process may use), restored afterwards;
@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -174,9 +175,19 @@ def _check_fns(fns: object) -> dict[str, Callable[[], object]]:
 
 
 def round_order(names: Sequence[str], round_index: int) -> list[str]:
-    """Call order of one round: ``names`` rotated left by ``round_index`` (a pure function)."""
-    k = round_index % len(names)
-    return list(names[k:]) + list(names[:k])
+    """Call order of one round (a pure function of its arguments).
+
+    Two names: rotated left by ``round_index``, so each follows the other in half the rounds. Three or
+    more: a permutation drawn from a generator seeded with ``round_index``; a plain rotation would let
+    one function follow a given other in most rounds (with ``dense, sparse, auto``, ``sparse`` would
+    run right after ``dense`` in two rounds of three and inherit the caches ``dense`` left behind).
+    """
+    if len(names) <= 2:
+        k = round_index % len(names)
+        return list(names[k:]) + list(names[:k])
+    order = list(names)
+    random.Random(round_index).shuffle(order)
+    return order
 
 
 def _timer(

@@ -70,8 +70,8 @@ static void parallel_range(range_fn fn, void *ctx, int64_t total, int threads) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Fused sparse conv (float32, AVX-512): for every active output pixel, the direct convolution over a
- * zero-padded NCHW input, written straight into the NCHW output. A register tile holds 6 pixels x
+ * Fused sparse conv (float32, AVX-512): for every active output pixel, the direct convolution over the
+ * NCHW input, written straight into the NCHW output. A register tile holds 6 pixels x
  * 16*NV output channels; the weight is pre-packed in column blocks of 16*TILE_VECTORS output channels
  * (the last block narrower), each block (Cin*kh*kw, width) contiguous, Cout padded to a multiple of
  * 16 with zero columns (pack_conv in _native.py); each input value is a broadcast load, so no patch
@@ -210,29 +210,105 @@ int has_sparse_conv(void) {
 #endif
 }
 
-int sparse_conv_f32(const float *xpad, int64_t N, int64_t C, int64_t Hp, int64_t Wp, const int64_t *act, int64_t n,
-                    int64_t Ho, int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
-                    const float *wt, int64_t Co, int64_t co16, const float *bias, float *out, int threads) {
 #if defined(__AVX512F__)
-    const int64_t hwo = Ho * Wo, T = kh * kw;
-    int64_t *base = (int64_t *)malloc(sizeof(int64_t) * (2 * (n > 0 ? n : 1) + T));
-    if (base == NULL) return 0;
-    int64_t *dest = base + (n > 0 ? n : 1), *taps = dest + (n > 0 ? n : 1);
-    for (int64_t ky = 0; ky < kh; ky++)
-        for (int64_t kx = 0; kx < kw; kx++) taps[ky * kw + kx] = ky * dh * Wp + kx * dw;
-    for (int64_t j = 0; j < n; j++) {
-        const int64_t img = act[j] / hwo, p = act[j] % hwo, oy = p / Wo, ox = p % Wo;
-        base[j] = img * C * Hp * Wp + oy * sh * Wp + ox * sw;
-        dest[j] = img * Co * hwo + p;
+/* Receptive fields of the outputs that cross the image border, copied with their zero padding into
+ * patches (C, kh, kw) per output, so they run through the same register tiles as the others. */
+typedef struct {
+    const float *x;
+    const int64_t *border; /* flat output indices img*Ho*Wo + p */
+    int64_t C, H, W, Wo, hwo, kh, kw, sh, sw, ph, pw, dh, dw;
+    float *patches;
+} patch_ctx_t;
+
+static void patch_range(void *arg, int64_t i0, int64_t i1) {
+    const patch_ctx_t *q = (const patch_ctx_t *)arg;
+    const int64_t T = q->kh * q->kw;
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t img = q->border[i] / q->hwo, p = q->border[i] % q->hwo;
+        const int64_t iy0 = (p / q->Wo) * q->sh - q->ph, ix0 = (p % q->Wo) * q->sw - q->pw;
+        const float *src = q->x + img * q->C * q->H * q->W;
+        float *dst = q->patches + i * q->C * T;
+        for (int64_t c = 0; c < q->C; c++, src += q->H * q->W)
+            for (int64_t ky = 0; ky < q->kh; ky++) {
+                const int64_t iy = iy0 + ky * q->dh;
+                for (int64_t kx = 0; kx < q->kw; kx++, dst++) {
+                    const int64_t ix = ix0 + kx * q->dw;
+                    *dst = iy >= 0 && iy < q->H && ix >= 0 && ix < q->W ? src[iy * q->W + ix] : 0.0f;
+                }
+            }
     }
-    memset(out, 0, sizeof(float) * N * Co * hwo);
-    conv_ctx_t k = {xpad, wt, bias, base, dest, taps, n, C, T, Hp * Wp, Co, co16, hwo, out};
-    parallel_range(conv_range, &k, (n + TILE_PIXELS - 1) / TILE_PIXELS, threads);
+}
+
+typedef struct {
+    float *out;
+    int64_t plane;
+} zero_ctx_t;
+
+static void zero_range(void *arg, int64_t i0, int64_t i1) {
+    const zero_ctx_t *z = (const zero_ctx_t *)arg;
+    memset(z->out + i0 * z->plane, 0, sizeof(float) * (size_t)((i1 - i0) * z->plane));
+}
+#endif
+
+/* The conv of x (N, C, H, W) with the packed weight at the outputs where mask (N, Ho, Wo) is nonzero,
+ * 0 elsewhere, into out (N, Co, Ho, Wo). Outputs whose receptive field lies inside the image run in
+ * register tiles reading x in place; those crossing the border (zero padding) first get their
+ * receptive field copied into a padded patch, then run in the same tiles. No padded copy of x and no
+ * list of active outputs is made outside this call. Returns 1 when done, 0
+ * without AVX-512 or memory. */
+int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const uint8_t *mask, int64_t Ho,
+                    int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                    int64_t dw, const float *wt, int64_t Co, int64_t co16, const float *bias, float *out,
+                    int threads) {
+#if defined(__AVX512F__)
+    const int64_t hwo = Ho * Wo, T = kh * kw, total = N * hwo;
+    int64_t n = 0;
+    for (int64_t i = 0; i < total; i++) n += mask[i] != 0;
+    const int64_t m = n > 0 ? n : 1;
+    int64_t *base = (int64_t *)malloc(sizeof(int64_t) * (size_t)(5 * m + 2 * T));
+    if (base == NULL) return 0;
+    int64_t *dest = base + m, *border = dest + m, *pbase = border + m, *pdest = pbase + m;
+    int64_t *taps = pdest + m, *ptaps = taps + T;
+    for (int64_t ky = 0; ky < kh; ky++)
+        for (int64_t kx = 0; kx < kw; kx++) {
+            taps[ky * kw + kx] = ky * dh * W + kx * dw;
+            ptaps[ky * kw + kx] = ky * kw + kx;
+        }
+    int64_t ni = 0, nb = 0;
+    for (int64_t i = 0; i < total; i++) {
+        if (!mask[i]) continue;
+        const int64_t img = i / hwo, p = i % hwo, iy0 = (p / Wo) * sh - ph, ix0 = (p % Wo) * sw - pw;
+        if (iy0 >= 0 && iy0 + (kh - 1) * dh < H && ix0 >= 0 && ix0 + (kw - 1) * dw < W) {
+            base[ni] = img * C * H * W + iy0 * W + ix0;
+            dest[ni++] = img * Co * hwo + p;
+        } else {
+            pbase[nb] = nb * C * T;
+            pdest[nb] = img * Co * hwo + p;
+            border[nb++] = i;
+        }
+    }
+    float *patches = nb ? (float *)malloc(sizeof(float) * (size_t)(nb * C * T)) : NULL;
+    if (nb && patches == NULL) {
+        free(base);
+        return 0;
+    }
+    zero_ctx_t z = {out, hwo};
+    parallel_range(zero_range, &z, N * Co, total * Co < (1 << 16) ? 1 : threads);
+    conv_ctx_t k = {x, wt, bias, base, dest, taps, ni, C, T, H * W, Co, co16, hwo, out};
+    parallel_range(conv_range, &k, (ni + TILE_PIXELS - 1) / TILE_PIXELS, threads);
+    if (nb) {
+        patch_ctx_t q = {x, border, C, H, W, Wo, hwo, kh, kw, sh, sw, ph, pw, dh, dw, patches};
+        parallel_range(patch_range, &q, nb, nb * C * T < (1 << 16) ? 1 : threads);
+        conv_ctx_t kb = {patches, wt, bias, pbase, pdest, ptaps, nb, C, T, T, Co, co16, hwo, out};
+        parallel_range(conv_range, &kb, (nb + TILE_PIXELS - 1) / TILE_PIXELS, threads);
+    }
+    free(patches);
     free(base);
     return 1;
 #else
-    (void)xpad; (void)N; (void)C; (void)Hp; (void)Wp; (void)act; (void)n; (void)Ho; (void)Wo; (void)kh; (void)kw;
-    (void)sh; (void)sw; (void)dh; (void)dw; (void)wt; (void)Co; (void)co16; (void)bias; (void)out; (void)threads;
+    (void)x; (void)N; (void)C; (void)H; (void)W; (void)mask; (void)Ho; (void)Wo; (void)kh; (void)kw; (void)sh;
+    (void)sw; (void)ph; (void)pw; (void)dh; (void)dw; (void)wt; (void)Co; (void)co16; (void)bias; (void)out;
+    (void)threads;
     return 0;
 #endif
 }

@@ -84,8 +84,8 @@ def _build(compiler: str, flags: list[str]) -> Path:
 
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
-    library.sparse_conv_f32.argtypes = [_PTR] + [_I64] * 4 + [_PTR] + [_I64] * 9 + [_PTR, _I64, _I64, _PTR, _PTR,
-                                                                                 ctypes.c_int]
+    library.sparse_conv_f32.argtypes = [_PTR] + [_I64] * 4 + [_PTR] + [_I64] * 10 + [_PTR, _I64, _I64, _PTR, _PTR,
+                                                                                  ctypes.c_int]
     library.sparse_conv_f32.restype = ctypes.c_int
     library.has_sparse_conv.restype = ctypes.c_int
     library.routed_linear_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int]
@@ -125,21 +125,20 @@ def usable(*tensors: Tensor) -> bool:
     return library is not None and bool(library.has_sparse_conv())
 
 
-def sparse_conv(xpad: Tensor, active: Tensor, g, wt: Tensor, bias: Tensor | None, out: Tensor) -> bool:
-    """Fused direct conv at the active outputs (float32, AVX-512); False where not compiled for it.
+def sparse_conv(x: Tensor, mask: Tensor, g, wt: Tensor, bias: Tensor | None, out: Tensor) -> bool:
+    """Fused direct conv at the outputs where ``mask`` is true, 0 elsewhere; False where not built for it.
 
-    xpad ``(N, Cin, Hp, Wp)``: the input inside its zero padding; ``active``: flat output indices;
-    wt: ``pack_conv``'s column blocks of the transposed weight, Cout padded to a multiple of 16;
-    bias ``(Cout16,)`` or None; out ``(N, Cout, Hout, Wout)``, zero-filled here, then written.
+    x ``(N, Cin, H, W)`` and mask bool ``(N, Hout, Wout)``, both contiguous; wt: ``pack_conv``'s column
+    blocks; bias ``(Cout16,)`` or None; out ``(N, Cout, Hout, Wout)`` contiguous, fully written.
     """
-    n, c, hp, wp = xpad.shape
-    (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.stride, g.dilation
-    co16 = wt.numel() // (c * kh * kw)
-    macs = active.numel() * wt.numel()
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.kernel, g.stride, g.padding, g.dilation
+    co16 = wt.numel() // (g.in_channels * kh * kw)
+    macs = mask.numel() * wt.numel()  # an upper bound (every output active) for the thread choice
     done = lib().sparse_conv_f32(
-        xpad.data_ptr(), n, c, hp, wp, active.data_ptr(), active.numel(), g.out_height, g.out_width, kh, kw, sh, sw,
-        dh, dw, wt.data_ptr(), g.out_channels, co16, None if bias is None else bias.data_ptr(),
-        out.data_ptr(), 1 if macs < PARALLEL_MACS else max(1, torch.get_num_threads()))
+        x.data_ptr(), g.batch, g.in_channels, g.height, g.width, mask.data_ptr(), g.out_height, g.out_width,
+        kh, kw, sh, sw, ph, pw, dh, dw, wt.data_ptr(), g.out_channels, co16,
+        None if bias is None else bias.data_ptr(), out.data_ptr(),
+        1 if macs < PARALLEL_MACS else max(1, torch.get_num_threads()))
     return bool(done)
 
 

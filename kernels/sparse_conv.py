@@ -8,9 +8,10 @@ Paths (``kernels._backend``):
   the oracle (``masked_fill``); ``dense``, what ``auto`` falls back to, writes zeros only at the inactive
   positions (``zero_outside``); both give the same result.
 - ``cpu``: NCHW float32 inputs with ``groups=1`` run a native direct-conv kernel (``_native.c``, built
-  on first use; AVX-512): per register tile of 6 active pixels x 64 output channels it accumulates
-  over every input channel and tap straight from a zero-framed copy of ``x`` and writes the NCHW
-  output, so no patch matrix is materialized. Otherwise (no compiler or AVX-512, other dtypes,
+  on first use; AVX-512): it reads the mask itself, and per register tile of 6 active pixels x 64
+  output channels accumulates over every input channel and tap straight from ``x`` (outputs whose
+  receptive field crosses the border take a bounds-checked path), writing the NCHW output; no
+  padded copy, no active list and no patch matrix is materialized. Otherwise (no compiler or AVX-512, other dtypes,
   groups, channels_last) it gathers the ``kh*kw`` receptive field of every active output into a patch matrix, runs one
   GEMM against the weight and scatters the results into a zero output. NCHW inputs (``CPU_ROUTE =
   "nchw"``) gather channel-major columns ``[Cin*kh*kw, n_active]`` from a zero-bordered ``(C, N, H, W)``
@@ -273,26 +274,6 @@ def padded_cnhw(x: Tensor, top: int, left: int, rows: int, cols: int) -> Tensor:
     return buf
 
 
-def padded_nchw(x: Tensor, top: int, left: int, rows: int, cols: int) -> Tensor:
-    """``x (N, C, H, W)`` inside a zero frame ``(N, C, rows, cols)`` at ``(top, left)`` (cached per-thread buffer).
-
-    ``x`` itself when no frame is needed and it is contiguous.
-    """
-    n, c, h, w = x.shape
-    if top == 0 and left == 0 and rows == h and cols == w and x.is_contiguous():
-        return x
-    key = ("nchw", n, c, h, w, top, left, rows, cols, x.dtype, x.device, torch.is_inference_mode_enabled())
-    buf = _WORKSPACE.padded.pop(key, None)
-    if buf is None:
-        buf = torch.zeros(n, c, rows, cols, dtype=x.dtype, device=x.device)
-    _WORKSPACE.padded[key] = buf
-    while len(_WORKSPACE.padded) > _WORKSPACE.max_padded:
-        _WORKSPACE.padded.popitem(last=False)
-    hh, ww = min(h, rows - top), min(w, cols - left)
-    buf[:, :, top : top + hh, left : left + ww].copy_(x[:, :, :hh, :ww])
-    return buf
-
-
 def packed_weight(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """``weight (Cout, Cin, kh, kw)`` as ``(Cin*kh*kw, Cout16)`` and bias as ``(Cout16,)``, Cout padded to 16,
     cached until either changes (``_native.packed``)."""
@@ -312,13 +293,11 @@ def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, floa
     return table.get(x.device.type, 1.0)
 
 
-def _fused_route(x: Tensor, active: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry) -> Tensor | None:
-    """Direct conv at the active pixels by the native AVX-512 kernel (NCHW in and out); None if unavailable."""
-    rows, cols = padded_extent(g, g.out_height, g.out_width)
-    xp = padded_nchw(x, g.padding[0], g.padding[1], rows, cols)
+def _fused_route(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry) -> Tensor | None:
+    """The conv at the active pixels by the native AVX-512 kernel (NCHW in and out); None if unavailable."""
     wt, bt = packed_weight(weight, bias)
     out = torch.empty(g.batch, g.out_channels, g.out_height, g.out_width, dtype=x.dtype, device=x.device)
-    return out if _native.sparse_conv(xp, active, g, wt, bt, out) else None
+    return out if _native.sparse_conv(x.contiguous(), mask.contiguous(), g, wt, bt, out) else None
 
 
 def padded_extent(g: ConvGeometry, out_rows: int, out_cols: int) -> tuple[int, int]:
@@ -426,17 +405,18 @@ def _nchw_route(
 
 
 def cpu_sparse_conv(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry) -> Tensor:
-    """The cpu path: gather the active outputs' receptive fields, one GEMM, scatter into a zero output."""
-    active = mask.reshape(-1).nonzero().squeeze(1)
+    """The cpu path: the fused native kernel where it applies, else gather the active outputs' receptive
+    fields, one GEMM, scatter into a zero output."""
     fmt = output_format(x)
+    if fmt != torch.channels_last and fused_applies(x, weight, g.groups):
+        out = _fused_route(x, mask, weight, bias, g)
+        if out is not None:
+            return out
+    active = mask.reshape(-1).nonzero().squeeze(1)
     if active.numel() == 0:
         return x.new_zeros(g.batch, g.out_channels, g.out_height, g.out_width).contiguous(memory_format=fmt)
     if fmt == torch.channels_last or CPU_ROUTE == "nhwc":
         return _nhwc_route(x, active, weight, bias, g).contiguous(memory_format=fmt)
-    if fused_applies(x, weight, g.groups):
-        out = _fused_route(x, active, weight, bias, g)
-        if out is not None:
-            return out
     return _nchw_route(x, active, mask, weight, bias, g).contiguous(memory_format=fmt)
 
 

@@ -38,8 +38,7 @@ def fused_ran(x, mask, weight, bias, **conv) -> bool:
     """Whether the fused kernel (not a fallback route) serves this call."""
     g = _conv_geometry(tuple(x.shape), tuple(weight.shape), None, conv.get("stride", 1), conv.get("padding", 0),
                        conv.get("dilation", 1), conv.get("groups", 1))
-    active = mask.reshape(-1).nonzero().squeeze(1)
-    return active.numel() > 0 and sparse_mod._fused_route(x, active, weight, bias, g) is not None
+    return sparse_mod._fused_route(x, mask, weight, bias, g) is not None
 
 
 def test_library_builds_where_a_compiler_and_avx512_exist() -> None:

@@ -38,21 +38,27 @@ class FakeClock:
         return run
 
 
-def test_calls_are_interleaved_round_robin_with_rotating_start() -> None:
+def test_calls_are_interleaved_one_of_each_per_round_in_round_order() -> None:
     clock = FakeClock()
     fns = {name: clock.fn(name, [1.0]) for name in "abc"}
     stats = time_interleaved(fns, warmup=2, repeats=4, min_time_s=0, threads=1, clock=clock)
     warm = list("abc") * 2
-    timed = list("abcbcacababc")
+    timed = [name for r in range(4) for name in round_order(list("abc"), r)]
     assert clock.calls == warm + timed
     assert [s.n for s in stats.values()] == [4, 4, 4]
     assert list(stats) == ["a", "b", "c"]
 
 
-def test_round_order_rotates() -> None:
+def test_round_order_rotates_two_and_balances_predecessors_of_more() -> None:
     assert round_order(["a", "b"], 0) == ["a", "b"]
     assert round_order(["a", "b"], 1) == ["b", "a"]
-    assert round_order(["a", "b", "c"], 5) == ["c", "a", "b"]
+    assert round_order(["a", "b", "c"], 5) == round_order(["a", "b", "c"], 5)  # deterministic
+    names = ["dense", "sparse", "auto"]
+    calls = [name for r in range(600) for name in round_order(names, r)]
+    assert all(sorted(round_order(names, r)) == sorted(names) for r in range(20))
+    after_dense = {n: sum(1 for p, c in zip(calls, calls[1:], strict=False) if p == "dense" and c == n) for n in names}
+    # a rotation would give sparse 400 and auto 200 of these 600 rounds
+    assert abs(after_dense["sparse"] - after_dense["auto"]) < 60, after_dense
 
 
 def test_warmup_calls_are_not_recorded() -> None:
