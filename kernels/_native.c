@@ -92,7 +92,7 @@ static void parallel_range(range_fn fn, void *ctx, int64_t total, int threads) {
 typedef struct {
     const float *xpad, *wt, *bias;
     const int64_t *base, *dest, *taps;
-    int64_t n, C, T, plane, Co, co16, hwo;
+    int64_t n, C, T, plane, Co, co16, hwo; /* plane: input channel stride; hwo: output channel stride */
     float *out;
 } conv_ctx_t;
 
@@ -217,6 +217,7 @@ typedef struct {
     const float *x;
     const int64_t *border; /* flat output indices img*Ho*Wo + p */
     int64_t C, H, W, Wo, hwo, kh, kw, sh, sw, ph, pw, dh, dw;
+    int64_t pix, cstride; /* element strides of a pixel and of a channel in x (NCHW: 1, H*W; NHWC: C, 1) */
     float *patches;
 } patch_ctx_t;
 
@@ -228,12 +229,12 @@ static void patch_range(void *arg, int64_t i0, int64_t i1) {
         const int64_t iy0 = (p / q->Wo) * q->sh - q->ph, ix0 = (p % q->Wo) * q->sw - q->pw;
         const float *src = q->x + img * q->C * q->H * q->W;
         float *dst = q->patches + i * q->C * T;
-        for (int64_t c = 0; c < q->C; c++, src += q->H * q->W)
+        for (int64_t c = 0; c < q->C; c++, src += q->cstride)
             for (int64_t ky = 0; ky < q->kh; ky++) {
                 const int64_t iy = iy0 + ky * q->dh;
                 for (int64_t kx = 0; kx < q->kw; kx++, dst++) {
                     const int64_t ix = ix0 + kx * q->dw;
-                    *dst = iy >= 0 && iy < q->H && ix >= 0 && ix < q->W ? src[iy * q->W + ix] : 0.0f;
+                    *dst = iy >= 0 && iy < q->H && ix >= 0 && ix < q->W ? src[(iy * q->W + ix) * q->pix] : 0.0f;
                 }
             }
     }
@@ -251,7 +252,7 @@ static void zero_range(void *arg, int64_t i0, int64_t i1) {
 #endif
 
 /* The conv of x (N, C, H, W) with the packed weight at the outputs where mask (N, Ho, Wo) is nonzero,
- * 0 elsewhere, into out (N, Co, Ho, Wo). Outputs whose receptive field lies inside the image run in
+ * 0 elsewhere, into out (N, Co, Ho, Wo); x and out both NCHW, or both NHWC (channels_last) when nhwc. Outputs whose receptive field lies inside the image run in
  * register tiles reading x in place; those crossing the border (zero padding) first get their
  * receptive field copied into a padded patch, then run in the same tiles. No padded copy of x and no
  * list of active outputs is made outside this call. Returns 1 when done, 0
@@ -259,9 +260,11 @@ static void zero_range(void *arg, int64_t i0, int64_t i1) {
 int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const uint8_t *mask, int64_t Ho,
                     int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                     int64_t dw, const float *wt, int64_t Co, int64_t co16, const float *bias, float *out,
-                    int threads) {
+                    int64_t nhwc, int threads) {
 #if defined(__AVX512F__)
     const int64_t hwo = Ho * Wo, T = kh * kw, total = N * hwo;
+    const int64_t pix = nhwc ? C : 1, cstride = nhwc ? 1 : H * W; /* strides in x */
+    const int64_t ostride = nhwc ? 1 : hwo;                       /* output channel stride */
     int64_t n = 0;
     for (int64_t i = 0; i < total; i++) n += mask[i] != 0;
     const int64_t m = n > 0 ? n : 1;
@@ -271,7 +274,7 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
     int64_t *taps = pdest + m, *ptaps = taps + T;
     for (int64_t ky = 0; ky < kh; ky++)
         for (int64_t kx = 0; kx < kw; kx++) {
-            taps[ky * kw + kx] = ky * dh * W + kx * dw;
+            taps[ky * kw + kx] = (ky * dh * W + kx * dw) * pix;
             ptaps[ky * kw + kx] = ky * kw + kx;
         }
     int64_t ni = 0, nb = 0;
@@ -279,11 +282,11 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
         if (!mask[i]) continue;
         const int64_t img = i / hwo, p = i % hwo, iy0 = (p / Wo) * sh - ph, ix0 = (p % Wo) * sw - pw;
         if (iy0 >= 0 && iy0 + (kh - 1) * dh < H && ix0 >= 0 && ix0 + (kw - 1) * dw < W) {
-            base[ni] = img * C * H * W + iy0 * W + ix0;
-            dest[ni++] = img * Co * hwo + p;
+            base[ni] = img * C * H * W + (iy0 * W + ix0) * pix;
+            dest[ni++] = nhwc ? (img * hwo + p) * Co : img * Co * hwo + p;
         } else {
             pbase[nb] = nb * C * T;
-            pdest[nb] = img * Co * hwo + p;
+            pdest[nb] = nhwc ? (img * hwo + p) * Co : img * Co * hwo + p;
             border[nb++] = i;
         }
     }
@@ -294,12 +297,12 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
     }
     zero_ctx_t z = {out, hwo};
     parallel_range(zero_range, &z, N * Co, total * Co < (1 << 16) ? 1 : threads);
-    conv_ctx_t k = {x, wt, bias, base, dest, taps, ni, C, T, H * W, Co, co16, hwo, out};
+    conv_ctx_t k = {x, wt, bias, base, dest, taps, ni, C, T, cstride, Co, co16, ostride, out};
     parallel_range(conv_range, &k, (ni + TILE_PIXELS - 1) / TILE_PIXELS, threads);
     if (nb) {
-        patch_ctx_t q = {x, border, C, H, W, Wo, hwo, kh, kw, sh, sw, ph, pw, dh, dw, patches};
+        patch_ctx_t q = {x, border, C, H, W, Wo, hwo, kh, kw, sh, sw, ph, pw, dh, dw, pix, cstride, patches};
         parallel_range(patch_range, &q, nb, nb * C * T < (1 << 16) ? 1 : threads);
-        conv_ctx_t kb = {patches, wt, bias, pbase, pdest, ptaps, nb, C, T, T, Co, co16, hwo, out};
+        conv_ctx_t kb = {patches, wt, bias, pbase, pdest, ptaps, nb, C, T, T, Co, co16, ostride, out};
         parallel_range(conv_range, &kb, (nb + TILE_PIXELS - 1) / TILE_PIXELS, threads);
     }
     free(patches);
@@ -308,7 +311,7 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
 #else
     (void)x; (void)N; (void)C; (void)H; (void)W; (void)mask; (void)Ho; (void)Wo; (void)kh; (void)kw; (void)sh;
     (void)sw; (void)ph; (void)pw; (void)dh; (void)dw; (void)wt; (void)Co; (void)co16; (void)bias; (void)out;
-    (void)threads;
+    (void)nhwc; (void)threads;
     return 0;
 #endif
 }

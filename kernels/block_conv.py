@@ -43,6 +43,7 @@ from kernels.sparse_conv import (
     conv2d_macs,
     cpu_break_even,
     cpu_sparse_conv,
+    fused_applies,
     masked_conv_backward,
     output_format,
     padded_extent,
@@ -58,7 +59,8 @@ BLOCK_CONV2D_BREAK_EVEN = {"cpu": 0.4, "cuda": 0.0}
 
 # CPU route: "im2col" runs sparse_conv2d's gather-GEMM-scatter on the pixels of the active blocks;
 # "windows" gathers each block's halo window and runs F.conv2d(padding=0) on the stacked windows;
-# "auto": windows for channels_last inputs (NHWC rows gather cheaply), im2col for NCHW inputs (no
+# "auto": im2col wherever sparse_conv2d's fused native kernel serves it (any layout); otherwise
+# windows for channels_last inputs (NHWC rows gather cheaply), im2col for NCHW inputs (no
 # transposes). Chosen from 1-thread CPU-time measurements on the development machine.
 CPU_ROUTE = "auto"
 
@@ -164,17 +166,20 @@ def _block_dest_table(g: ConvGeometry, block_size: int, device: torch.device) ->
     return dest.reshape(g.batch * hb * wb, block_size * block_size)
 
 
-def _cpu_block_route(x: Tensor) -> str:
-    """The CPU route that runs for ``x``: ``CPU_ROUTE``, with ``auto`` resolved by layout."""
+def _cpu_block_route(x: Tensor, weight: Tensor, groups: int) -> str:
+    """The CPU route that runs: ``CPU_ROUTE``; ``auto``: im2col where sparse_conv2d's fused kernel serves
+    it (any layout), else windows for channels_last and im2col for NCHW."""
     if CPU_ROUTE != "auto":
         return CPU_ROUTE
+    if fused_applies(x, weight, groups):
+        return "im2col"
     return "windows" if output_format(x) == torch.channels_last else "im2col"
 
 
 def _cpu_block_conv(
     x: Tensor, block_mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, block_size: int
 ) -> Tensor:
-    if _cpu_block_route(x) == "im2col":
+    if _cpu_block_route(x, weight, g.groups) == "im2col":
         pixels = expand_block_mask(block_mask, g.out_height, g.out_width, block_size)
         return cpu_sparse_conv(x, pixels, weight, bias, g)
     return _cpu_block_conv_windows(x, block_mask, weight, bias, g, block_size)
@@ -313,9 +318,9 @@ def block_conv2d(
     check_bool_mask("block_mask", block_mask, (g.batch, hb, wb), f"the conv output in {block_size}x{block_size} blocks")
     if block_mask.device != x.device:
         check_device("block_mask", block_mask, x.device)
-    fused = _cpu_block_route(x) == "im2col"
-    break_even = cpu_break_even(x, weight, g.groups, BLOCK_CONV2D_BREAK_EVEN) if fused else \
-        BLOCK_CONV2D_BREAK_EVEN.get(x.device.type, 1.0)
+    break_even = BLOCK_CONV2D_BREAK_EVEN.get(x.device.type, 1.0)
+    if x.device.type == "cpu" and _cpu_block_route(x, weight, g.groups) == "im2col":
+        break_even = cpu_break_even(x, weight, g.groups, BLOCK_CONV2D_BREAK_EVEN)
 
     def executed() -> float:  # fraction of output positions inside active blocks (clipped)
         positions = block_positions(block_mask, g.out_height, g.out_width, block_size).sum()

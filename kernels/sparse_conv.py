@@ -7,10 +7,11 @@ Paths (``kernels._backend``):
 - ``reference`` / ``dense``: the dense conv, then zero outside the mask (counted dense). ``reference`` is
   the oracle (``masked_fill``); ``dense``, what ``auto`` falls back to, writes zeros only at the inactive
   positions (``zero_outside``); both give the same result.
-- ``cpu``: NCHW float32 inputs with ``groups=1`` run a native direct-conv kernel (``_native.c``, built
+- ``cpu``: float32 inputs with ``groups=1`` (NCHW or channels_last) run a native direct-conv kernel (``_native.c``, built
   on first use; AVX-512): it reads the mask itself, and per register tile of 6 active pixels x 64
   output channels accumulates over every input channel and tap straight from ``x`` (outputs whose
-  receptive field crosses the border take a bounds-checked path), writing the NCHW output; no
+  receptive field crosses the border run on zero-padded copies of it), writing the output in the
+  input's layout; no
   padded copy, no active list and no patch matrix is materialized. Otherwise (no compiler or AVX-512, other dtypes,
   groups, channels_last) it gathers the ``kh*kw`` receptive field of every active output into a patch matrix, runs one
   GEMM against the weight and scatters the results into a zero output. NCHW inputs (``CPU_ROUTE =
@@ -281,9 +282,8 @@ def packed_weight(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor |
 
 
 def fused_applies(x: Tensor, weight: Tensor, groups: int) -> bool:
-    """Whether the cpu path of these arguments is the fused native kernel (NCHW float32, groups=1)."""
-    return (CPU_ROUTE == "fused" and groups == 1 and x.device.type == "cpu"
-            and output_format(x) != torch.channels_last and _native.usable(x, weight))
+    """Whether the cpu path of these arguments is the fused native kernel (float32, groups=1, NCHW or NHWC)."""
+    return CPU_ROUTE == "fused" and groups == 1 and x.device.type == "cpu" and _native.usable(x, weight)
 
 
 def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, float]) -> float:
@@ -294,10 +294,15 @@ def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, floa
 
 
 def _fused_route(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry) -> Tensor | None:
-    """The conv at the active pixels by the native AVX-512 kernel (NCHW in and out); None if unavailable."""
+    """The conv at the active pixels by the native AVX-512 kernel, in ``x``'s layout (NCHW or
+    channels_last, as ``output_format``); None if unavailable."""
     wt, bt = packed_weight(weight, bias)
-    out = torch.empty(g.batch, g.out_channels, g.out_height, g.out_width, dtype=x.dtype, device=x.device)
-    return out if _native.sparse_conv(x.contiguous(), mask.contiguous(), g, wt, bt, out) else None
+    fmt = output_format(x)
+    out = torch.empty(g.batch, g.out_channels, g.out_height, g.out_width, dtype=x.dtype, device=x.device,
+                      memory_format=fmt)
+    nhwc = fmt == torch.channels_last
+    done = _native.sparse_conv(x.contiguous(memory_format=fmt), mask.contiguous(), g, wt, bt, out, nhwc)
+    return out if done else None
 
 
 def padded_extent(g: ConvGeometry, out_rows: int, out_cols: int) -> tuple[int, int]:
@@ -408,7 +413,7 @@ def cpu_sparse_conv(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None
     """The cpu path: the fused native kernel where it applies, else gather the active outputs' receptive
     fields, one GEMM, scatter into a zero output."""
     fmt = output_format(x)
-    if fmt != torch.channels_last and fused_applies(x, weight, g.groups):
+    if fused_applies(x, weight, g.groups):
         out = _fused_route(x, mask, weight, bias, g)
         if out is not None:
             return out

@@ -428,7 +428,7 @@ def test_break_even_constants_are_fractions() -> None:
 
 
 def test_break_even_follows_the_route_that_would_run() -> None:
-    """The fused kernel's break-even applies only where it runs (NCHW float32, groups=1, AVX-512 build)."""
+    """The fused kernel's break-even applies only where it runs (float32, groups=1, AVX-512 build)."""
     from kernels import _native  # noqa: PLC0415
 
     table = sparse_mod.SPARSE_CONV2D_BREAK_EVEN
@@ -437,8 +437,8 @@ def test_break_even_follows_the_route_that_would_run() -> None:
     assert sparse_mod.cpu_break_even(x, weight, 1, table) == (sparse_mod.FUSED_BREAK_EVEN if fused else table["cpu"])
     assert sparse_mod.cpu_break_even(x.double(), weight.double(), 1, table) == table["cpu"]
     assert sparse_mod.cpu_break_even(x, torch.randn(4, 2, 3, 3), 2, table) == table["cpu"]
-    cl = x.contiguous(memory_format=torch.channels_last)
-    assert sparse_mod.cpu_break_even(cl, weight, 1, table) == table["cpu"]
+    cl = x.contiguous(memory_format=torch.channels_last)  # the fused kernel serves NHWC too
+    assert sparse_mod.cpu_break_even(cl, weight, 1, table) == (sparse_mod.FUSED_BREAK_EVEN if fused else table["cpu"])
 
 
 # --------------------------------------------------------------------------------------------------

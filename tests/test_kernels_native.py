@@ -62,10 +62,13 @@ def test_library_builds_where_a_compiler_and_avx512_exist() -> None:
         (3, 64, 64, 12, 12, 3, 1, 1, 1),  # enough channels for several input-channel passes
     ],
 )
-def test_fused_kernel_matches_masked_dense(shape) -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_kernel_matches_masked_dense(shape, channels_last) -> None:
     n, cin, cout, h, w, k, s, p, d = shape
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(n, cin, h, w, generator=gen)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
     weight = torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5
     bias = torch.randn(cout, generator=gen)
     ref = F.conv2d(x, weight, bias, s, p, d)
@@ -79,7 +82,7 @@ def test_fused_kernel_matches_masked_dense(shape) -> None:
             expected = F.conv2d(x, weight, b, s, p, d).masked_fill(~mask.unsqueeze(1), 0)
             torch.testing.assert_close(out, expected, **TOL, msg=kind)
             assert bool((out[~mask.unsqueeze(1).expand_as(out)] == 0).all()), kind
-            assert out.is_contiguous()
+            assert out.is_contiguous(memory_format=fmt)
     if _native.lib() is not None and _has_avx512():
         assert fused_ran(x, mask, weight, bias, stride=s, padding=p, dilation=d)
 
@@ -88,13 +91,15 @@ def test_fused_kernel_matches_masked_dense(shape) -> None:
 @given(
     n=st.integers(1, 3), cin=st.integers(1, 20), cout=st.integers(1, 40), h=st.integers(3, 12), w=st.integers(3, 12),
     k=st.sampled_from([1, 2, 3]), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
-    density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+    density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16), channels_last=st.booleans(),
 )
-def test_property_fused_kernel(n, cin, cout, h, w, k, stride, padding, dilation, density, seed) -> None:
+def test_property_fused_kernel(n, cin, cout, h, w, k, stride, padding, dilation, density, seed, channels_last) -> None:
     if h + 2 * padding - dilation * (k - 1) - 1 < 0 or w + 2 * padding - dilation * (k - 1) - 1 < 0:
         return
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, cin, h, w, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(cout, cin, k, k, generator=gen)
     ref = F.conv2d(x, weight, None, stride, padding, dilation)
     mask = torch.rand(n, *ref.shape[2:], generator=gen) < density
@@ -102,12 +107,17 @@ def test_property_fused_kernel(n, cin, cout, h, w, k, stride, padding, dilation,
     torch.testing.assert_close(out, ref * mask.unsqueeze(1), **TOL)
 
 
-def test_block_conv2d_nchw_float32_runs_the_fused_kernel_exactly_on_active_blocks() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_block_conv2d_float32_runs_the_fused_kernel_exactly_on_active_blocks(channels_last) -> None:
     x, weight, bias = torch.randn(2, 8, 17, 15), torch.randn(24, 8, 3, 3) / 8, torch.randn(24)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     block_mask = torch.rand(2, 3, 2) < 0.5
     out = block_conv2d(x, block_mask, weight, bias, padding=1, block_size=8, backend="cpu")
     pixels = expand_block_mask(block_mask, 17, 15, 8)
     torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=1) * pixels.unsqueeze(1), **TOL)
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_packed_weight_follows_in_place_updates() -> None:
