@@ -580,3 +580,22 @@ def test_workspace_filled_in_inference_mode_is_not_reused_outside_it(op):
     with torch.no_grad():
         outside = call()
     torch.testing.assert_close(outside, inside.clone())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cheap_zeroing_equals_masked_fill_in_both_layouts_even_for_inf_and_nan(channels_last: bool) -> None:
+    """``zero_outside(exact=False)`` (the dense fallback) writes exactly the oracle's zeros."""
+    out = torch.randn(2, 5, 4, 6)
+    out[0, 1, 0, 0], out[1, 3, 2, 5], out[1, 0, 3, 1] = float("inf"), float("nan"), float("-inf")
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    pixels = torch.rand(2, 4, 6) < 0.5
+    pixels[0, 0, 0] = pixels[1, 2, 5] = False  # the non-finite values sit at inactive positions
+    expected = out.clone().masked_fill_(~pixels.unsqueeze(1), 0)
+    got = sparse_mod.zero_outside(out.clone(), pixels, exact=False)
+    assert torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got, expected, equal_nan=True, rtol=0, atol=0)
+    assert bool((got.masked_select(~pixels.unsqueeze(1).expand_as(got)) == 0).all())
+    strided = torch.randn(2, 5, 4, 12)[..., ::2]  # neither layout: the masked_fill route
+    torch.testing.assert_close(sparse_mod.zero_outside(strided.clone(), pixels, exact=False),
+                               strided.masked_fill(~pixels.unsqueeze(1), 0))
