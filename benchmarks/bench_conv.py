@@ -37,7 +37,13 @@ from benchmarks._graphs import GRAPH_CALLS, capture
 from catalog.env import environment
 from catalog.timing import physical_cores, time_interleaved
 from kernels import _backend, _native
-from kernels.block_conv import BLOCK_CONV2D_BREAK_EVEN, block_conv2d, block_conv2d_macs, block_positions
+from kernels.block_conv import (
+    BLOCK_CONV2D_BREAK_EVEN,
+    block_break_even,
+    block_conv2d,
+    block_conv2d_macs,
+    block_positions,
+)
 from kernels.sparse_conv import (
     FUSED_BREAK_EVEN,
     SPARSE_CONV2D_BREAK_EVEN,
@@ -102,8 +108,7 @@ def bench_row(
         mask = make_mask(kind, (batch, blocks, blocks), density, gen).to(device)
         executed = float(block_positions(mask, size, size, BLOCK_SIZE).sum()) / (batch * size * size)
         macs = block_conv2d_macs(mask, (size, size), BLOCK_SIZE, weight.shape)
-        break_even = (cpu_break_even(x, weight, 1, BLOCK_CONV2D_BREAK_EVEN) if not channels_last
-                      else BLOCK_CONV2D_BREAK_EVEN.get(device.type, 1.0))  # NCHW blocks run the fused kernel
+        break_even = block_break_even(x, weight, 1)  # the value auto uses here
 
         def run(backend: str) -> torch.Tensor:
             return block_conv2d(x, mask, weight, bias, padding=1, block_size=BLOCK_SIZE, backend=backend)

@@ -176,6 +176,14 @@ def _cpu_block_route(x: Tensor, weight: Tensor, groups: int) -> str:
     return "windows" if output_format(x) == torch.channels_last else "im2col"
 
 
+def block_break_even(x: Tensor, weight: Tensor, groups: int) -> float:
+    """``auto``'s break-even density for these arguments: the fused kernel's where the im2col route
+    runs it, else the per-device value of ``BLOCK_CONV2D_BREAK_EVEN``."""
+    if x.device.type == "cpu" and _cpu_block_route(x, weight, groups) == "im2col":
+        return cpu_break_even(x, weight, groups, BLOCK_CONV2D_BREAK_EVEN)
+    return BLOCK_CONV2D_BREAK_EVEN.get(x.device.type, 1.0)
+
+
 def _cpu_block_conv(
     x: Tensor, block_mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, block_size: int
 ) -> Tensor:
@@ -318,9 +326,7 @@ def block_conv2d(
     check_bool_mask("block_mask", block_mask, (g.batch, hb, wb), f"the conv output in {block_size}x{block_size} blocks")
     if block_mask.device != x.device:
         check_device("block_mask", block_mask, x.device)
-    break_even = BLOCK_CONV2D_BREAK_EVEN.get(x.device.type, 1.0)
-    if x.device.type == "cpu" and _cpu_block_route(x, weight, g.groups) == "im2col":
-        break_even = cpu_break_even(x, weight, g.groups, BLOCK_CONV2D_BREAK_EVEN)
+    break_even = block_break_even(x, weight, g.groups)
 
     def executed() -> float:  # fraction of output positions inside active blocks (clipped)
         positions = block_positions(block_mask, g.out_height, g.out_width, block_size).sum()

@@ -10,7 +10,8 @@ Paths (picked by ``kernels._backend.resolve``):
 - ``cpu``: float32 on a CPU with AVX-512 (and a C compiler): the native kernel (``_native.c``) groups
   the rows by expert with a counting sort (indices only, no data moves) and runs each expert's rows
   through register tiles that read them in place and write their output rows directly; weights are
-  packed once per version as ``(E, Cin, Cout16)``. Otherwise a plain-PyTorch grouped GEMM that runs
+  packed once per version (``_native.pack_routed``). All rows on one expert stay a single ``F.linear``
+  (MKL beats the kernel there). Otherwise a plain-PyTorch grouped GEMM that runs
   on any device: per non-empty expert one ``mm`` on
   its rows, written into a row slice of one output buffer, then one per-row bias add. Rows already
   sorted by route (as the MoE layers pass them) are used in place; otherwise one gather sorts them
@@ -97,15 +98,15 @@ def _grouped(x: Tensor, route: Tensor, weight: Tensor, bias: Tensor | None) -> T
     tokens, experts, out_features = x.shape[0], weight.shape[0], weight.shape[1]
     if tokens == 0:
         return x.new_empty(0, out_features)
+    sizes = torch.bincount(route, minlength=experts).tolist()
+    busiest = max(range(experts), key=sizes.__getitem__)
+    if sizes[busiest] == tokens:  # one expert takes every row: no permutation at all
+        return F.linear(x, weight[busiest], None if bias is None else bias[busiest])
     if x.device.type == "cpu" and _native.usable(x, weight, *(() if bias is None else (bias,))):
         wt, bt = _native.packed(weight, bias, _native.pack_routed)
         out = x.new_empty(tokens, out_features)
         if _native.routed_linear(x.contiguous(), route.to(torch.int64), wt, bt, out):
             return out
-    sizes = torch.bincount(route, minlength=experts).tolist()
-    busiest = max(range(experts), key=sizes.__getitem__)
-    if sizes[busiest] == tokens:  # one expert takes every row: no permutation at all
-        return F.linear(x, weight[busiest], None if bias is None else bias[busiest])
     if is_sorted(route):
         out = _sorted_mm(x, sizes, weight)
     else:

@@ -276,8 +276,8 @@ def padded_cnhw(x: Tensor, top: int, left: int, rows: int, cols: int) -> Tensor:
 
 
 def packed_weight(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``weight (Cout, Cin, kh, kw)`` as ``(Cin*kh*kw, Cout16)`` and bias as ``(Cout16,)``, Cout padded to 16,
-    cached until either changes (``_native.packed``)."""
+    """``weight (Cout, Cin, kh, kw)`` in the fused kernel's layout (``_native.pack_conv``: column blocks of
+    ``(Cin*kh*kw, Cout16)``) and bias as ``(Cout16,)``, cached until either changes (``_native.packed``)."""
     return _native.packed(weight, bias, _native.pack_conv)
 
 
@@ -288,7 +288,7 @@ def fused_applies(x: Tensor, weight: Tensor, groups: int) -> bool:
 
 def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, float]) -> float:
     """``auto``'s break-even density for these arguments: the fused kernel's, or the op's per device."""
-    if x.device.type == "cpu" and fused_applies(x, weight, groups):
+    if fused_applies(x, weight, groups):  # (CPU only)
         return FUSED_BREAK_EVEN
     return table.get(x.device.type, 1.0)
 
