@@ -112,6 +112,19 @@ typedef struct {
         const float *src[TILE_PIXELS];                                                                        \
         for (int p = 0; p < TILE_PIXELS; p++) src[p] = k->xpad + base[p < count ? p : count - 1];             \
         const float *w = k->wt + cb * k->C * k->T + c0 * k->T * 16 * NV; /* block of 16*NV columns */        \
+        if (k->T == 1) { /* 1x1 conv / linear rows: one running offset, no tap table in the loop */           \
+            const int64_t plane = k->plane;                                                                   \
+            for (int64_t off = c0 * plane + k->taps[0], end = c1 * plane + k->taps[0]; off < end;             \
+                 off += plane, w += 16 * NV) {                                                                \
+                __m512 wv[NV];                                                                                \
+                for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_ps(w + 16 * v);                             \
+                for (int p = 0; p < TILE_PIXELS; p++) {                                                       \
+                    const __m512 xv = _mm512_set1_ps(src[p][off]);                                            \
+                    for (int v = 0; v < NV; v++) acc[v][p] = _mm512_fmadd_ps(wv[v], xv, acc[v][p]);           \
+                }                                                                                             \
+            }                                                                                                 \
+            c1 = c0; /* done: skip the general loop */                                                        \
+        }                                                                                                     \
         for (int64_t c = c0; c < c1; c++) {                                                                   \
             for (int64_t t = 0; t < k->T; t++, w += 16 * NV) {                                                \
                 const int64_t off = c * k->plane + k->taps[t];                                                \
@@ -153,35 +166,72 @@ static int64_t channel_chunk(int64_t T) {
     return chunk < 1 ? 1 : chunk;
 }
 
-/* Register tiles [i0, i1) of one weight (tile i: pixels / rows [6i, 6i + 6) of k->base, k->dest). */
-static void run_tiles(const conv_ctx_t *k, int64_t i0, int64_t i1) {
-    const int64_t tile_floats = TILE_PIXELS * 16 * TILE_VECTORS, chunk = channel_chunk(k->T);
-    const int64_t group = TILE_GROUP < i1 - i0 ? TILE_GROUP : i1 - i0;
-    float *acc_buf = chunk < k->C ? (float *)malloc(sizeof(float) * tile_floats * (group > 0 ? group : 1)) : NULL;
-    const int64_t step = acc_buf ? chunk : k->C; /* no scratch: one pass over all channels */
-    for (int64_t g0 = i0; g0 < i1; g0 += TILE_GROUP) { /* a group's inputs and partial sums stay in L2 */
-        const int64_t g1 = g0 + TILE_GROUP < i1 ? g0 + TILE_GROUP : i1;
-        for (int64_t cb = 0; cb < k->co16; cb += 16 * TILE_VECTORS) {
-            const int64_t nv = (k->co16 - cb) / 16 < TILE_VECTORS ? (k->co16 - cb) / 16 : TILE_VECTORS;
-            for (int64_t c0 = 0; c0 < k->C; c0 += step) {
-                const int64_t c1 = c0 + step < k->C ? c0 + step : k->C;
-                for (int64_t i = g0; i < g1; i++) {
-                    const int64_t j0 = i * TILE_PIXELS;
-                    const int count = (int)(k->n - j0 < TILE_PIXELS ? k->n - j0 : TILE_PIXELS);
-                    float *buf = acc_buf ? acc_buf + (i - g0) * tile_floats : NULL;
-                    const int first = c0 == 0, last = c1 == k->C;
-                    if (nv == 4) conv_tile_4(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
-                    else if (nv == 3) conv_tile_3(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
-                    else if (nv == 2) conv_tile_2(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
-                    else conv_tile_1(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
-                }
-            }
+/* Tiles [ia, ib) of one weight, output columns [cb, cb + 16*nv): input channels in passes of `chunk`
+ * (partial sums in acc_buf, one tile_floats slot per tile), so each pass's weight slice stays in L1
+ * while it serves every tile of the range. */
+static void run_segment(const conv_ctx_t *k, int64_t ia, int64_t ib, int64_t cb, float *acc_buf) {
+    const int64_t tile_floats = TILE_PIXELS * 16 * TILE_VECTORS, nv = (k->co16 - cb) / 16 < TILE_VECTORS
+                                                                          ? (k->co16 - cb) / 16 : TILE_VECTORS;
+    const int64_t step = acc_buf ? channel_chunk(k->T) : k->C; /* no scratch: one pass over all channels */
+    for (int64_t c0 = 0; c0 < k->C; c0 += step) {
+        const int64_t c1 = c0 + step < k->C ? c0 + step : k->C;
+        const int first = c0 == 0, last = c1 == k->C;
+        for (int64_t i = ia; i < ib; i++) {
+            const int64_t j0 = i * TILE_PIXELS;
+            const int count = (int)(k->n - j0 < TILE_PIXELS ? k->n - j0 : TILE_PIXELS);
+            float *buf = acc_buf ? acc_buf + (i - ia) * tile_floats : NULL;
+            if (nv == 4) conv_tile_4(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
+            else if (nv == 3) conv_tile_3(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
+            else if (nv == 2) conv_tile_2(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
+            else conv_tile_1(k, k->base + j0, k->dest + j0, count, cb, c0, c1, buf, first, last);
         }
+    }
+}
+
+/* Scratch for the partial sums of TILE_GROUP tiles; NULL when one pass covers every input channel (or
+ * out of memory: run_segment then makes one pass). */
+static float *tile_scratch(const conv_ctx_t *k) {
+    if (channel_chunk(k->T) >= k->C) return NULL;
+    return (float *)malloc(sizeof(float) * TILE_PIXELS * 16 * TILE_VECTORS * TILE_GROUP);
+}
+
+/* Work items [u0, u1) of one weight. Item u is one tile and one column block; items run group-major
+ * (groups of TILE_GROUP tiles, whose inputs and partial sums stay in L2), then column block, then
+ * tile, so a thread's share is a run of (group, column block) segments. Splitting items rather than
+ * tiles lets the threads share the column blocks when a layer has only a few active outputs (a late,
+ * small feature map), where the weight, not the pixels, is the work: each thread then reads its part of
+ * the weight once instead of every thread reading all of it. */
+static void run_items(const conv_ctx_t *k, int64_t u0, int64_t u1) {
+    const int64_t tiles = (k->n + TILE_PIXELS - 1) / TILE_PIXELS, cbs = (k->co16 + 16 * TILE_VECTORS - 1) /
+                                                                         (16 * TILE_VECTORS);
+    float *acc_buf = tile_scratch(k);
+    for (int64_t u = u0; u < u1;) {
+        const int64_t g0 = u / (TILE_GROUP * cbs) * TILE_GROUP;
+        const int64_t size = tiles - g0 < TILE_GROUP ? tiles - g0 : TILE_GROUP;
+        const int64_t r = u - g0 * cbs, cbi = r / size, ia = g0 + r % size;
+        const int64_t end = g0 * cbs + (cbi + 1) * size < u1 ? g0 * cbs + (cbi + 1) * size : u1;
+        run_segment(k, ia, ia + (end - u), cbi * 16 * TILE_VECTORS, acc_buf);
+        u = end;
     }
     free(acc_buf);
 }
 
-static void conv_range(void *arg, int64_t i0, int64_t i1) { run_tiles((const conv_ctx_t *)arg, i0, i1); }
+/* Items of one weight: tiles x column blocks. */
+static int64_t item_count(const conv_ctx_t *k) {
+    return (k->n + TILE_PIXELS - 1) / TILE_PIXELS * ((k->co16 + 16 * TILE_VECTORS - 1) / (16 * TILE_VECTORS));
+}
+
+/* Tiles [i0, i1) of one weight, every column block (routed_linear: a share of one expert's rows). */
+static void run_tiles(const conv_ctx_t *k, int64_t i0, int64_t i1) {
+    float *acc_buf = tile_scratch(k);
+    for (int64_t g0 = i0; g0 < i1; g0 += TILE_GROUP) {
+        const int64_t g1 = g0 + TILE_GROUP < i1 ? g0 + TILE_GROUP : i1;
+        for (int64_t cb = 0; cb < k->co16; cb += 16 * TILE_VECTORS) run_segment(k, g0, g1, cb, acc_buf);
+    }
+    free(acc_buf);
+}
+
+static void conv_range(void *arg, int64_t u0, int64_t u1) { run_items((const conv_ctx_t *)arg, u0, u1); }
 
 /* routed_linear: one conv_ctx_t per expert (1x1 "conv" over its rows); tiles numbered globally, the
  * tiles of one expert consecutive. */
@@ -252,11 +302,11 @@ static void zero_range(void *arg, int64_t i0, int64_t i1) {
 #endif
 
 /* The conv of x (N, C, H, W) with the packed weight at the outputs where mask (N, Ho, Wo) is nonzero,
- * 0 elsewhere, into out (N, Co, Ho, Wo); x and out both NCHW, or both NHWC (channels_last) when nhwc. Outputs whose receptive field lies inside the image run in
- * register tiles reading x in place; those crossing the border (zero padding) first get their
- * receptive field copied into a padded patch, then run in the same tiles. No padded copy of x and no
- * list of active outputs is made outside this call. Returns 1 when done, 0
- * without AVX-512 or memory. */
+ * 0 elsewhere, into out (N, Co, Ho, Wo); x and out both NCHW, or both NHWC (channels_last) when nhwc.
+ * Outputs whose receptive field lies inside the image run in register tiles reading x in place; those
+ * crossing the border (zero padding) first get their receptive field copied into a padded patch, then
+ * run in the same tiles. No padded copy of x and no list of active outputs is made outside this call.
+ * Returns 1 when done, 0 without AVX-512 or memory. */
 int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const uint8_t *mask, int64_t Ho,
                     int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                     int64_t dw, const float *wt, int64_t Co, int64_t co16, const float *bias, float *out,
@@ -265,8 +315,20 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
     const int64_t hwo = Ho * Wo, T = kh * kw, total = N * hwo;
     const int64_t pix = nhwc ? C : 1, cstride = nhwc ? 1 : H * W; /* strides in x */
     const int64_t ostride = nhwc ? 1 : hwo;                       /* output channel stride */
-    int64_t n = 0;
-    for (int64_t i = 0; i < total; i++) n += mask[i] != 0;
+    /* Interior outputs read x in place, border ones a zero-padded copy of their receptive field. With
+     * both kinds present the weight is streamed once per kind; when the interior outputs are fewer than
+     * the output channels, copying their receptive fields too (n x C x T floats) costs less than that
+     * second pass over the weight (Co x C x T), so every output then takes the patch route. */
+#define INTERIOR(i)                                                                                            \
+    ((i) % hwo / Wo * sh - ph >= 0 && (i) % hwo / Wo * sh - ph + (kh - 1) * dh < H &&                          \
+     (i) % hwo % Wo * sw - pw >= 0 && (i) % hwo % Wo * sw - pw + (kw - 1) * dw < W)
+    int64_t n = 0, inner = 0;
+    for (int64_t i = 0; i < total; i++)
+        if (mask[i]) {
+            n++;
+            inner += INTERIOR(i);
+        }
+    const int all_patches = inner < n && inner < Co;
     const int64_t m = n > 0 ? n : 1;
     int64_t *base = (int64_t *)malloc(sizeof(int64_t) * (size_t)(5 * m + 2 * T));
     if (base == NULL) return 0;
@@ -281,7 +343,7 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
     for (int64_t i = 0; i < total; i++) {
         if (!mask[i]) continue;
         const int64_t img = i / hwo, p = i % hwo, iy0 = (p / Wo) * sh - ph, ix0 = (p % Wo) * sw - pw;
-        if (iy0 >= 0 && iy0 + (kh - 1) * dh < H && ix0 >= 0 && ix0 + (kw - 1) * dw < W) {
+        if (!all_patches && INTERIOR(i)) {
             base[ni] = img * C * H * W + (iy0 * W + ix0) * pix;
             dest[ni++] = nhwc ? (img * hwo + p) * Co : img * Co * hwo + p;
         } else {
@@ -290,6 +352,7 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
             border[nb++] = i;
         }
     }
+#undef INTERIOR
     float *patches = nb ? (float *)malloc(sizeof(float) * (size_t)(nb * C * T)) : NULL;
     if (nb && patches == NULL) {
         free(base);
@@ -298,12 +361,12 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
     zero_ctx_t z = {out, hwo};
     parallel_range(zero_range, &z, N * Co, total * Co < (1 << 16) ? 1 : threads);
     conv_ctx_t k = {x, wt, bias, base, dest, taps, ni, C, T, cstride, Co, co16, ostride, out};
-    parallel_range(conv_range, &k, (ni + TILE_PIXELS - 1) / TILE_PIXELS, threads);
+    parallel_range(conv_range, &k, item_count(&k), threads);
     if (nb) {
         patch_ctx_t q = {x, border, C, H, W, Wo, hwo, kh, kw, sh, sw, ph, pw, dh, dw, pix, cstride, patches};
         parallel_range(patch_range, &q, nb, nb * C * T < (1 << 16) ? 1 : threads);
         conv_ctx_t kb = {patches, wt, bias, pbase, pdest, ptaps, nb, C, T, T, Co, co16, ostride, out};
-        parallel_range(conv_range, &kb, (nb + TILE_PIXELS - 1) / TILE_PIXELS, threads);
+        parallel_range(conv_range, &kb, item_count(&kb), threads);
     }
     free(patches);
     free(base);

@@ -87,6 +87,33 @@ def test_fused_kernel_matches_masked_dense(shape, channels_last) -> None:
         assert fused_ran(x, mask, weight, bias, stride=s, padding=p, dilation=d)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [  # (N, Cin, Cout, H, W, density): work split over threads by (tile, column block)
+        (2, 24, 200, 20, 20, 0.6),  # more than one group of 16 tiles, four column blocks (the last narrower)
+        (1, 40, 144, 3, 3, 1.0),  # a late 3x3 map: one interior output < Cout, so every output is patched
+        (1, 40, 136, 6, 6, 0.4),  # interior and border outputs, few tiles, three column blocks
+        (1, 8, 16, 40, 40, 0.3),  # many tiles, one column block
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_kernel_split_over_threads(shape, channels_last, monkeypatch) -> None:
+    n, cin, cout, h, w, density = shape
+    monkeypatch.setattr(_native, "PARALLEL_MACS", 0)  # every call multi-threaded, however small
+    gen = torch.Generator().manual_seed(cout)
+    x = torch.randn(n, cin, h, w, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    weight = torch.randn(cout, cin, 3, 3, generator=gen) / (cin * 9) ** 0.5
+    bias = torch.randn(cout, generator=gen)
+    mask = torch.rand(n, h, w, generator=gen) < density
+    with torch.inference_mode():  # as the methods are measured; the weight is then packed per call
+        out = sparse_conv2d(x, mask, weight, bias, padding=1, backend="cpu")
+    expected = F.conv2d(x, weight, bias, padding=1).masked_fill(~mask.unsqueeze(1), 0)
+    torch.testing.assert_close(out, expected, **TOL)
+    if _native.lib() is not None and _has_avx512():
+        assert fused_ran(x, mask, weight, bias, padding=1)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 3), cin=st.integers(1, 20), cout=st.integers(1, 40), h=st.integers(3, 12), w=st.integers(3, 12),
