@@ -30,7 +30,9 @@ def cpu_model() -> str:
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
-    """The checked-out commit (with ``-dirty`` when tracked files changed), or ``unknown``.
+    """The checked-out commit (with ``-dirty`` when tracked files outside ``catalog/results`` changed), or
+    ``unknown``. Result files do not count: a benchmark writing its results one by one would otherwise
+    mark every later result of the same run dirty.
 
     ``DYNNET_COMMIT`` overrides it (a tree copied to a GPU machine may carry an older ``.git``);
     without git, ``GITHUB_SHA`` names it.
@@ -42,7 +44,7 @@ def git_commit(root: Path = REPO_ROOT) -> str:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)catalog/results"],
             cwd=root, capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")

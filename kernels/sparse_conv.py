@@ -66,14 +66,10 @@ from kernels._checks import (
 # slower than cuDNN at every measured density down to 0.05 (its ~0.22 ms per call is launch and
 # Python overhead), so ``auto`` always runs dense on CUDA; ``backend="triton"`` still forces it.
 SPARSE_CONV2D_BREAK_EVEN = {"cpu": 0.4, "cuda": 0.0}
-# The same where the CPU path is the fused native kernel (sparse_conv2d and block_conv2d): the full CPU
-# sweep (``python -m benchmarks.bench_conv --repeats 10``: 2 threads, wall clock, C in {64, 256}, 28/56 px,
-# batch 1/8, random and clustered masks; catalog/results/kernels/conv-cpu.json) put the density where
-# the fused kernel and F.conv2d cross between 0.65 and 0.9 (median ~0.8) in the 27 of 32 configurations
-# that cross at all; at 0.9 the forced kernel ran at 0.70-1.29x the dense conv. Above 0.85 ``auto``
-# therefore runs dense: that gives up ~1.2x at 0.9 on the 64-channel 56 px batch-1 shape and avoids
-# 0.7-0.9x on the larger ones.
-FUSED_BREAK_EVEN = 0.85
+# The same where the CPU path is the fused native kernel: with it, ``bench_conv --quick`` (2 threads,
+# wall clock) measured the cpu path at 1.02-1.14x the dense conv at densities 0.75-0.9, so ``auto``
+# never falls back there.
+FUSED_BREAK_EVEN = 1.0
 
 # CPU route for NCHW inputs: "fused" runs the native direct-conv kernel (``_native.c``: float32,
 # groups=1, AVX-512; otherwise "nchw" runs); "nchw" gathers channel-major patches from an NCHW copy

@@ -77,3 +77,29 @@ def test_other_devices_ran_the_recounted_networks(doc):
         for key in ("macs_dense", "params_dense", "params_dynamic"):
             assert row[key] == ref[key], f"{doc['_path']}: {key} {row[key]} != CPU {ref[key]}"
         assert 0 < row["macs_dynamic"], doc["_path"]
+
+
+def test_git_commit_ignores_result_files_but_not_code(tmp_path, monkeypatch) -> None:
+    """A benchmark writing results one by one must not mark its later results dirty; a code edit must."""
+    import subprocess  # noqa: PLC0415
+
+    from catalog.env import git_commit  # noqa: PLC0415
+
+    monkeypatch.delenv("DYNNET_COMMIT", raising=False)
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "catalog" / "results").mkdir(parents=True)
+    (tmp_path / "catalog" / "results" / "m.json").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    clean = git_commit(tmp_path)
+    assert len(clean) == 40 and not clean.endswith("-dirty")
+    (tmp_path / "catalog" / "results" / "m.json").write_text('{"new": 1}\n')
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"
