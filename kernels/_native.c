@@ -112,19 +112,6 @@ typedef struct {
         const float *src[TILE_PIXELS];                                                                        \
         for (int p = 0; p < TILE_PIXELS; p++) src[p] = k->xpad + base[p < count ? p : count - 1];             \
         const float *w = k->wt + cb * k->C * k->T + c0 * k->T * 16 * NV; /* block of 16*NV columns */        \
-        if (k->T == 1) { /* 1x1 conv / linear rows: one running offset, no tap table in the loop */           \
-            const int64_t plane = k->plane;                                                                   \
-            for (int64_t off = c0 * plane + k->taps[0], end = c1 * plane + k->taps[0]; off < end;             \
-                 off += plane, w += 16 * NV) {                                                                \
-                __m512 wv[NV];                                                                                \
-                for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_ps(w + 16 * v);                             \
-                for (int p = 0; p < TILE_PIXELS; p++) {                                                       \
-                    const __m512 xv = _mm512_set1_ps(src[p][off]);                                            \
-                    for (int v = 0; v < NV; v++) acc[v][p] = _mm512_fmadd_ps(wv[v], xv, acc[v][p]);           \
-                }                                                                                             \
-            }                                                                                                 \
-            c1 = c0; /* done: skip the general loop */                                                        \
-        }                                                                                                     \
         for (int64_t c = c0; c < c1; c++) {                                                                   \
             for (int64_t t = 0; t < k->T; t++, w += 16 * NV) {                                                \
                 const int64_t off = c * k->plane + k->taps[t];                                                \
