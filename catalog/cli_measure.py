@@ -1,4 +1,5 @@
-"""``run`` and ``bench``: execute implementations and measure them (dense vs dynamic, one process)."""
+"""``run`` and ``bench``: execute implementations and measure them (dense vs dynamic in one process;
+``bench`` of several entries runs each in a fresh process)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,11 @@ def print_measurement(entry, result: dict, console) -> None:
     table.add_row("params", f"{result['params_dense']:,}", f"{result['params_dynamic']:,}", "")
     lat = (f"{result['latency_ms_dense']:.3f} [{spread['dense']['p10_ms']:.3f}-{spread['dense']['p90_ms']:.3f}]",
            f"{result['latency_ms_dynamic']:.3f} [{spread['dynamic']['p10_ms']:.3f}-{spread['dynamic']['p90_ms']:.3f}]")
-    table.add_row("latency ms, median [p10-p90]", *lat, f"{_fmt(result['speedup'])}x faster")
+    paired = result.get("speedup_spread")
+    faster = f"{_fmt(result['speedup'])}x faster"
+    if paired:
+        faster += f" [{_fmt(paired['p10'])}-{_fmt(paired['p90'])}]"
+    table.add_row("latency ms, median [p10-p90]", *lat, faster)
     table.add_row("realization (speedup / MAC reduction)", "", "", _fmt(result["realization"]))
     if "accuracy_dense" in result:
         table.add_row("digits test accuracy (after --train)", f"{100 * result['accuracy_dense']:.1f}%",
@@ -143,6 +148,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def child_command(entry_id: str, args: argparse.Namespace) -> list[str]:
+    """The ``python -m catalog bench <id> --in-process ...`` line that benches one entry on its own."""
+    cmd = [sys.executable, "-m", "catalog", "bench", entry_id, "--in-process", "--device", args.device,
+           "--batch-sizes", *(str(b) for b in args.batch_sizes), "--seed", str(args.seed),
+           "--min-time", str(args.min_time)]
+    if args.results_dir:
+        cmd += ["--results-dir", str(Path(args.results_dir).resolve())]
+    return cmd
+
+
+def bench_in_child(entry_id: str, args: argparse.Namespace) -> Path:
+    """Bench one entry in a fresh Python process; the path it wrote, or RuntimeError with its error line.
+
+    Each entry then starts from the state a user's ``python -m catalog run`` starts from: no caches,
+    allocator history or thread pools left by the entries measured before it in a long run.
+    """
+    import subprocess  # noqa: PLC0415
+
+    from catalog.env import REPO_ROOT  # noqa: PLC0415
+
+    done = subprocess.run(child_command(entry_id, args), capture_output=True, text=True, check=False,
+                          cwd=REPO_ROOT)
+    paths = [line.removeprefix("wrote ").strip() for line in done.stdout.splitlines() if line.startswith("wrote ")]
+    if done.returncode == 0 and paths:
+        return Path(paths[-1])
+    lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+    mine = [ln.removeprefix(f"{entry_id}: ") for ln in lines if ln.startswith(f"{entry_id}: ")]
+    raise RuntimeError(mine[-1] if mine else (lines[-1] if lines else f"exit status {done.returncode}"))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import Progress  # noqa: PLC0415
 
@@ -160,6 +195,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     root = Path(args.results_dir) if args.results_dir else None
     console = _console(stderr=True)
+    isolate = len(chosen) > 1 and not args.in_process  # one entry: this process is already a fresh one
     failures: list[str] = []
     written = []
     with Progress(console=console, transient=False) as progress:
@@ -167,10 +203,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for entry in chosen:
             progress.update(task, description=f"bench {entry.id}")
             try:
-                written.append(bench_entry(entry, root, device, tuple(args.batch_sizes), args.seed, args.min_time))
+                if isolate:
+                    written.append(bench_in_child(entry.id, args))
+                else:
+                    written.append(bench_entry(entry, root, device, tuple(args.batch_sizes), args.seed,
+                                               args.min_time))
             except Exception as exc:  # noqa: BLE001 - one failing entry must not stop the others
-                failures.append(f"{entry.id}: {type(exc).__name__}: {exc}")
-                progress.console.print(f"FAILED {entry.id}: {type(exc).__name__}: {exc}", markup=False)
+                reason = str(exc) if isolate else f"{type(exc).__name__}: {exc}"
+                failures.append(f"{entry.id}: {reason}")
+                progress.console.print(f"FAILED {entry.id}: {reason}", markup=False)
             progress.advance(task)
     for path in written:
         print(f"wrote {path}")
@@ -203,4 +244,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-time", type=float, default=2.0)
     p.add_argument("--results-dir", help="write here instead of catalog/results/ (for trials)")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every entry in this process (default with several: a fresh process each)")
     p.set_defaults(func=cmd_bench)

@@ -165,6 +165,7 @@ def measure(module: ModuleType, cfg: Any, batch_size: int, device: str | torch.d
             "dynamic": {"p10_ms": dynamic_stats.p10_ms, "p90_ms": dynamic_stats.p90_ms, "n": dynamic_stats.n},
         },
         "speedup": speedup,
+        "speedup_spread": timed["speedup_spread"],
         "realization": speedup / result["mac_reduction"] if result["mac_reduction"] else float("nan"),
         "environment": environment(device, next(dense.parameters()).dtype, "contiguous", batch_size),
     }

@@ -90,6 +90,8 @@ def quantile(sorted_data: Sequence[float], q: float) -> float:
     pos = q * (len(sorted_data) - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_data) - 1)
+    if pos == lo or sorted_data[hi] == sorted_data[lo]:  # no interpolation (also exact for infinities)
+        return sorted_data[lo]
     return sorted_data[lo] + (sorted_data[hi] - sorted_data[lo]) * (pos - lo)
 
 
@@ -235,6 +237,24 @@ def time_interleaved(
     ``threads``: torch CPU threads while timing (default ``physical_cores()``), restored afterwards.
     ``clock``: seconds-valued clock for CPU timing (default ``time.perf_counter``; tests inject one).
     """
+    samples = interleaved_samples(fns, device=device, warmup=warmup, repeats=repeats, min_time_s=min_time_s,
+                                  max_repeats=max_repeats, threads=threads, clock=clock)
+    return {name: LatencyStats.from_samples(values) for name, values in samples.items()}
+
+
+def interleaved_samples(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    device: str | torch.device = "cpu",
+    warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
+    min_time_s: float = DEFAULT_MIN_TIME_S,
+    max_repeats: int = DEFAULT_MAX_REPEATS,
+    threads: int | None = None,
+    clock: Callable[[], float] | None = None,
+) -> dict[str, list[float]]:
+    """``time_interleaved``'s raw per-call times (ms) by name, in round order: element ``i`` of every
+    list was measured in round ``i``, so lists can be paired round by round. Same arguments."""
     fns = _check_fns(fns)
     dev = _check_device(device)
     _check_int("warmup", warmup, 0)
@@ -247,6 +267,14 @@ def time_interleaved(
     threads = physical_cores() if threads is None else _check_int("threads", threads, 1)
     if clock is not None and dev.type == "cuda":
         raise ValueError("clock: a custom clock applies to CPU timing only (CUDA uses events)")
+    return _interleaved_samples(fns, dev, warmup, repeats, min_time_s, max_repeats, threads, clock)
+
+
+def _interleaved_samples(
+    fns: dict[str, Callable[[], object]], dev: torch.device, warmup: int, repeats: int, min_time_s: float,
+    max_repeats: int, threads: int, clock: Callable[[], float] | None,
+) -> dict[str, list[float]]:
+    """Per-call times in ms by name, in round order: element ``i`` of every list comes from round ``i``."""
     timer = _timer(dev, clock)
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -267,7 +295,7 @@ def time_interleaved(
             enough_time = min(totals_ms.values()) >= min_time_s * 1e3
             if (rounds >= repeats and enough_time) or rounds >= max_repeats:
                 break
-    return {name: LatencyStats.from_samples(samples[name]) for name in names}
+    return samples
 
 
 def compare(
@@ -288,11 +316,11 @@ def compare(
     """Time dense and dynamic interleaved; return their stats, the speedup and the environment.
 
     Returns ``{"dense": LatencyStats, "dynamic": LatencyStats, "speedup": median_dense /
-    median_dynamic, "threads": int, "environment": dict}``; the environment's ``threads`` is the count
-    used while timing.
+    median_dynamic, "speedup_spread": paired_spread(...), "threads": int, "environment": dict}``; the
+    environment's ``threads`` is the count used while timing.
     """
     threads = physical_cores() if threads is None else _check_int("threads", threads, 1)
-    stats = time_interleaved(
+    samples = interleaved_samples(
         {"dense": dense_fn, "dynamic": dynamic_fn},
         device=device,
         warmup=warmup,
@@ -302,12 +330,27 @@ def compare(
         threads=threads,
         clock=clock,
     )
+    stats = {name: LatencyStats.from_samples(values) for name, values in samples.items()}
     env = environment(device, dtype, layout, batch_size)
     env["threads"] = threads
     return {
         "dense": stats["dense"],
         "dynamic": stats["dynamic"],
         "speedup": speedup(stats["dense"], stats["dynamic"]),
+        "speedup_spread": paired_spread(samples["dense"], samples["dynamic"]),
         "threads": threads,
         "environment": env,
     }
+
+
+def paired_spread(dense_ms: Sequence[float], dynamic_ms: Sequence[float]) -> dict[str, float | int]:
+    """p10 and p90 of the per-round speedups ``dense[i] / dynamic[i]`` (calls of the same round paired).
+
+    A pure function. Drift that slows both calls of a round (host load, frequency) cancels in each
+    ratio, so the spread shows how far the speedup itself moved while it was measured; ``n`` rounds.
+    """
+    if len(dense_ms) != len(dynamic_ms) or not dense_ms:
+        raise ValueError(f"dense_ms, dynamic_ms: expected two equally long non-empty lists, got "
+                         f"{len(dense_ms)} and {len(dynamic_ms)}")
+    ratios = sorted(d / y if y > 0 else math.inf for d, y in zip(dense_ms, dynamic_ms, strict=True))
+    return {"p10": quantile(ratios, 0.1), "p90": quantile(ratios, 0.9), "n": len(ratios)}

@@ -172,9 +172,14 @@ def _anchor(t: Tensor | None) -> Tensor | None:
 
 
 class _Packed(threading.local):
-    """Per-thread LRU of packed weights."""
+    """Per-thread LRU of packed weights.
 
-    size = 64
+    ``size`` holds every sparse conv of a deep network (ResNet-101's branches alone have 99 convs), or of
+    a dense and a dynamic model side by side: with fewer entries than convs per forward, an LRU evicts
+    each weight before its next use and every call packs again.
+    """
+
+    size = 512
 
     def __init__(self) -> None:
         self.items: OrderedDict[tuple, tuple[Tensor, Tensor | None, tuple]] = OrderedDict()

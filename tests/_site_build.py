@@ -25,7 +25,8 @@ FIGURE_ID = "sbnet"  # the one real decision figure drawn by the session build (
 FIXTURE_ROWS = [
     {"operating_point": "paper_point", "batch_size": 1, "macs_dense": 4_089_000_000.0,
      "macs_dynamic": 2_044_500_000.0, "mac_reduction": 2.0, "latency_ms_dense": 12.3456,
-     "latency_ms_dynamic": 8.2304, "speedup": 1.5, "realization": 0.75},
+     "latency_ms_dynamic": 8.2304, "speedup": 1.5, "speedup_spread": {"p10": 1.25, "p90": 1.75, "n": 30},
+     "realization": 0.75},
     {"operating_point": "paper_point", "batch_size": 8, "macs_dense": 4_089_000_000.0,
      "macs_dynamic": 1_022_250_000.0, "mac_reduction": 4.0, "latency_ms_dense": 90.5,
      "latency_ms_dynamic": 45.25, "speedup": 2.0, "realization": 0.5},

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from catalog import cli, measure
+from catalog import cli, cli_measure, measure
 from catalog.cli_measure import RUN_KEYS, _config
 from catalog.entries import load_all
 
@@ -91,12 +91,53 @@ def test_bench_reports_a_failing_entry_and_goes_on(tmp_path, monkeypatch, capsys
         return path
 
     monkeypatch.setattr(measure, "bench_entry", fake_bench)
-    code = cli.main(["bench", "branchynet", "convnet_aig", "--results-dir", str(tmp_path)])
+    code = cli.main(["bench", "branchynet", "convnet_aig", "--in-process", "--results-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1
     assert written == ["convnet_aig"] and (tmp_path / "convnet_aig.json").exists()
     assert "branchynet: RuntimeError: boom in the forward pass" in err
     assert "1 of 2 entries failed" in err
+
+
+def test_bench_of_several_entries_runs_each_in_its_own_process(tmp_path, monkeypatch, capsys):
+    children = []
+
+    def fake_child(entry_id, args):
+        if entry_id == "branchynet":
+            raise RuntimeError("RuntimeError: boom in the forward pass")
+        children.append(entry_id)
+        return tmp_path / f"{entry_id}.json"
+
+    def not_here(*_args):
+        raise AssertionError("bench_entry ran in the parent process")
+
+    monkeypatch.setattr(cli_measure, "bench_in_child", fake_child)
+    monkeypatch.setattr(measure, "bench_entry", not_here)
+    code = cli.main(["bench", "branchynet", "convnet_aig", "--results-dir", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 1 and children == ["convnet_aig"]
+    assert f"wrote {tmp_path / 'convnet_aig.json'}" in out
+    assert "branchynet: RuntimeError: boom in the forward pass" in err and "1 of 2 entries failed" in err
+
+
+def test_bench_in_child_passes_the_arguments_and_reads_back_its_result(tmp_path, monkeypatch):
+    args = cli_measure.argparse.Namespace(device="cpu", batch_sizes=[1, 8], seed=3, min_time=0.5,
+                                          results_dir=str(tmp_path))
+    cmd = cli_measure.child_command("dynconv", args)
+    assert cmd[1:] == ["-m", "catalog", "bench", "dynconv", "--in-process", "--device", "cpu", "--batch-sizes",
+                       "1", "8", "--seed", "3", "--min-time", "0.5", "--results-dir", str(tmp_path.resolve())]
+    replies = iter([
+        subprocess.CompletedProcess(cmd, 0, stdout=f"wrote {tmp_path}/dynconv/cpu.json\n", stderr=""),
+        subprocess.CompletedProcess(cmd, 1, stdout="", stderr="FAILED dynconv: ValueError: bad\n"
+                                    "1 of 1 entries failed:\n  dynconv: ValueError: bad knob\n"),
+        subprocess.CompletedProcess(cmd, 1, stdout="", stderr="Killed\n"),
+    ])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: next(replies))
+    assert cli_measure.bench_in_child("dynconv", args) == tmp_path / "dynconv" / "cpu.json"
+    with pytest.raises(RuntimeError, match="^ValueError: bad knob$"):
+        cli_measure.bench_in_child("dynconv", args)
+    with pytest.raises(RuntimeError, match="^Killed$"):
+        cli_measure.bench_in_child("dynconv", args)
 
 
 @pytest.mark.parametrize("flag", [True, False])

@@ -145,10 +145,12 @@ def test_method_page_numbers_equal_the_stored_result(tmp_path, entries):
         cells = [f"{row['batch_size']}", fmt.macs(row["macs_dense"]), fmt.macs(row["macs_dynamic"]),
                  fmt.ratio(row["mac_reduction"]), fmt.ms(row["latency_ms_dense"]),
                  fmt.ms(row["latency_ms_dynamic"]),
-                 fmt.ratio(row["speedup"]), fmt.plain(row["realization"])]
+                 fmt.ratio(row["speedup"]), context.speedup_range(row.get("speedup_spread")),
+                 fmt.plain(row["realization"])]
         assert re.search(r"<tr>\s*<td><code>paper&#95;point</code></td>\s*" +
-                         r"\s*".join(f"<td>{re.escape(c)}</td>" for c in cells), html), cells
+                         r"\s*".join(f"<td>{re.escape(c) if c != '-' else '&#45;'}</td>" for c in cells), html), cells
     assert fmt.macs(FIXTURE_ROWS[0]["macs_dense"]) == "4.089 G" and "12.346" in html
+    assert "<td>1.25x-1.75x</td>" in html and "<td>&#45;</td>" in html  # the second row has no paired spread
     home = _plain(_html((docs / "index.md").read_text()))
     assert f"{FIXTURE_ID} cpu ({FIXTURE_DEVICE}) 1 paper_point 2.00x 1.50x 0.75" in home  # the chart's table
     assert "1.50x (cpu, batch 1)" in _plain(_html((docs / "depth" / "index.md").read_text()))

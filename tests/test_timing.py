@@ -171,6 +171,34 @@ def test_compare_gives_ratio_of_medians_and_environment() -> None:
     assert {"torch", "python", "cpu_model", "commit", "date", "dtype"} <= set(env)
 
 
+def test_compare_pairs_the_calls_of_each_round_for_the_speedup_spread() -> None:
+    # Rounds 1..10: the host slows both calls of round k by k (drift); dynamic is always 2x faster.
+    clock = FakeClock()
+    drift = [float(k) for k in range(1, 11)]
+    result = compare(
+        clock.fn("dense", [4.0 * k for k in drift]),
+        clock.fn("dynamic", [2.0 * k for k in drift]),
+        warmup=0,
+        repeats=10,
+        min_time_s=0,
+        threads=1,
+        clock=clock,
+    )
+    # The drift spreads each latency over 2-40 ms but cancels in every per-round ratio.
+    assert result["speedup_spread"] == {"p10": pytest.approx(2.0), "p90": pytest.approx(2.0), "n": 10}
+    assert result["dense"].p90_ms / result["dense"].p10_ms > 3
+
+
+def test_paired_spread_quantiles_and_errors() -> None:
+    spread = timing.paired_spread([float(k) for k in range(1, 12)], [1.0] * 11)  # ratios 1..11
+    assert spread == {"p10": pytest.approx(2.0), "p90": pytest.approx(10.0), "n": 11}
+    assert timing.paired_spread([1.0], [0.0])["p90"] == math.inf
+    with pytest.raises(ValueError, match="dense_ms, dynamic_ms"):
+        timing.paired_spread([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="dense_ms, dynamic_ms"):
+        timing.paired_spread([], [])
+
+
 def test_speedup_edge_cases() -> None:
     zero, one = LatencyStats.from_samples([0.0]), LatencyStats.from_samples([1.0])
     assert timing.speedup(one, zero) == math.inf

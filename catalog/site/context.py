@@ -61,6 +61,13 @@ def device_label(env: dict[str, Any]) -> str:
     return f"{device} ({name})" if name else str(device)
 
 
+def speedup_range(spread: Any) -> str:
+    """``'1.20x-1.60x'``: p10-p90 of the per-round speedups (``measure``'s ``speedup_spread``), or '-'."""
+    if not isinstance(spread, dict) or "p10" not in spread or "p90" not in spread:
+        return fmt.MISSING
+    return f"{fmt.ratio(spread['p10'])}-{fmt.ratio(spread['p90'])}"
+
+
 def result_context(doc: dict[str, Any], current_hash: str | None) -> dict[str, Any]:
     """One stored result document (one device, one bench run) ready for a table."""
     env = doc.get("environment") or {}
@@ -78,6 +85,7 @@ def result_context(doc: dict[str, Any], current_hash: str | None) -> dict[str, A
             "latency_dense": fmt.ms(m.get("latency_ms_dense")),
             "latency_dynamic": fmt.ms(m.get("latency_ms_dynamic")),
             "speedup": fmt.ratio(m.get("speedup")),
+            "speedup_range": speedup_range(m.get("speedup_spread")),
             "realization": fmt.plain(m.get("realization")),
             "params_dense": fmt.count(m.get("params_dense")),
             "params_dynamic": fmt.count(m.get("params_dynamic")),

@@ -23,12 +23,14 @@
   - `eval()`: a pixel is on where its logit is `>= 0` (no noise). The branch runs **only there**, with
     `kernels.sparse_conv2d` (dense input, output only at a pixel set): the convs before the last 3x3
     run on the set of pixels that 3x3 reads (the mask dilated by its receptive field, strided where
-    the 3x3 has a stride), the last 3x3 and every conv after it on the mask itself. BatchNorm and
+    the 3x3 has a stride), the last 3x3 and every conv after it on the mask itself. Each BatchNorm is
+    folded into its conv (eval statistics: scaled weight, shift as bias; cached until they change), so
+    it applies at the computed pixels only, the kernel's output being exactly 0 elsewhere;
     activations stay element-wise on the dense tensors. A block with no active pixel in the batch is
     not called at all. The kernel always takes its sparse path (`cpu`, or `triton` on CUDA), never its
-    `auto` dense fallback, unless `backend` or `$DYNNET_KERNEL_BACKEND` asks otherwise. Shortcut plus
-    masked branch is one fused `addcmul`, like the dense add. Both networks run in channels_last
-    memory (`channels_last`), where the kernel gathers whole pixel rows.
+    `auto` dense fallback, unless `backend` or `$DYNNET_KERNEL_BACKEND` asks otherwise. The branch is
+    0 outside the mask, so shortcut plus branch is one add, like the dense network's. Both networks run
+    in channels_last memory (`channels_last`), as the paper's CUDA kernels do.
 
 `info` holds `masks` (one `(N, H_b, W_b)` per gated block: bool in eval, straight-through 0/1 floats in
 train), `density` (fraction of active pixels per block), `cost_fraction` (executed share of the
@@ -51,9 +53,10 @@ conditional MACs, dilation included, as the paper counts it) and `aux_loss`.
 
 ## Simplifications against the paper
 
-- Eval runs the shared dense-input sparse-output conv kernel for every conv of a branch, with dense
-  BatchNorm/activation in between; the official CUDA path instead keeps gathered rows through the whole
-  MobileNetV2 branch and fuses BN/ReLU into them.
+- Eval runs the shared dense-input sparse-output conv kernel for every conv of a branch (BatchNorm
+  folded into it), with the activation element-wise on the dense map in between; the official CUDA
+  path instead keeps gathered rows through the whole MobileNetV2 branch and fuses BN/ReLU into them.
+  The dense baseline keeps PyTorch's separate eval BatchNorm.
 - The default model is a small CIFAR ResNet on 32x32 digits; the bound annealing counts optimizer
   steps (`anneal_steps`) instead of a third of the epochs.
 - For short runs the Gumbel noise fades to zero over `noise_steps` optimizer steps, so that the last
@@ -76,6 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from implementations.common.data import sample_photos
+from implementations.common.fold import folded
 from implementations.common.gates import gumbel_sigmoid
 from implementations.common.mobilenet import InvertedResidual, mobilenet_v2
 from implementations.common.resnet import BasicBlock, Bottleneck, ResNet, cifar_resnet, resnet50
@@ -257,14 +261,14 @@ def _finish(block: nn.Module, out: Tensor) -> Tensor:
 def sparse_branch(block: nn.Module, x: Tensor, masks: list[Tensor], backend: str | None) -> Tensor:
     """The residual branch, computed at the pixels of `masks[-1]` (bool `(N, Ho, Wo)`) only.
 
-    `masks[k]` (bool) is the pixel set of stage k (`stage_masks`); `x (N, C, H, W)`. Outside
-    `masks[-1]` the result holds BatchNorm's shift of a zero conv output (the caller masks it).
+    `masks[k]` (bool) is the pixel set of stage k (`stage_masks`); `x (N, C, H, W)`. Every stage is one
+    sparse conv with its eval BatchNorm folded in (`implementations.common.fold.folded`), so the result
+    is exactly 0 outside `masks[-1]` (the last stage has no activation).
     """
     h = x
     for (conv, bn, act), m in zip(branch_stages(block), masks, strict=True):
-        h = sparse_conv2d(h, m, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                          conv.groups, backend=backend)
-        h = bn(h)
+        w, b = folded(conv, bn)
+        h = sparse_conv2d(h, m, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, backend=backend)
         if act is not None:
             h = act(h)
     return h
@@ -273,12 +277,11 @@ def sparse_branch(block: nn.Module, x: Tensor, masks: list[Tensor], backend: str
 def gated_block_eval(block: nn.Module, x: Tensor, masks: list[Tensor], backend: str | None) -> Tensor:
     """Executing block: branch only at the active pixels, shortcut everywhere; skipped when all off.
 
-    `shortcut + mask * branch` is one fused pass (`addcmul`), like the dense network's add.
+    The branch is 0 outside the mask, so `shortcut + branch` is one add, like the dense network's.
     """
     out = block.shortcut(x)
     if bool(masks[-1].any()):
-        branch = sparse_branch(block, x, masks, backend)
-        out = torch.addcmul(out, branch, masks[-1].unsqueeze(1).to(branch.dtype))
+        out = torch.add(out, sparse_branch(block, x, masks, backend))  # a fresh tensor: the shortcut may be x
     return _finish(block, out)
 
 

@@ -63,8 +63,6 @@ costs about the same) and `aux_loss`.
 from __future__ import annotations
 
 import dataclasses
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from implementations.common.fold import bn_affine, bn_tensors, cached, folded
 from implementations.common.losses import ponder_cost
 from implementations.common.resnet import BasicBlock, Bottleneck
 from implementations.common.train import TrainSettings
@@ -174,52 +173,15 @@ class SpatialHalting(nn.Module):
 # Sparse residual branches (eval)
 
 
-_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _cached(key: nn.Module, tensors: tuple[Tensor, ...], make: Callable[[], tuple[Tensor, Tensor]]
-            ) -> tuple[Tensor, Tensor]:
-    """`make()` once per version of `tensors` (weights and BN statistics), cached per module."""
-    versions = tuple(t._version for t in tensors)
-    hit = _FOLDED.get(key)
-    if hit is None or hit[0] != versions:
-        with torch.no_grad(), torch.inference_mode(False):
-            hit = (versions, *make())
-        _FOLDED[key] = hit
-    return hit[1], hit[2]
-
-
-def _bn_tensors(bn: nn.BatchNorm2d) -> tuple[Tensor, ...]:
-    return (bn.weight, bn.bias, bn.running_mean, bn.running_var)
-
-
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm as `x * scale + shift`."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Weight and bias of `bn(conv(x))` as one conv (eval-mode BatchNorm; cached until they change)."""
-
-    def make() -> tuple[Tensor, Tensor]:
-        scale, shift = _bn_affine(bn)
-        bias = shift if conv.bias is None else shift + conv.bias * scale
-        return conv.weight * scale.view(-1, 1, 1, 1), bias
-
-    extra = () if conv.bias is None else (conv.bias,)
-    return _cached(conv, (conv.weight, *extra, *_bn_tensors(bn)), make)
-
-
 def folded_taps(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """`conv(bn(x))` (one output channel, 3x3) as nine 1x1 taps: weight `(9, C, 1, 1)`, bias `(9,)`."""
 
     def make() -> tuple[Tensor, Tensor]:
-        scale, shift = _bn_affine(bn)
+        scale, shift = bn_affine(bn)
         taps = conv.weight[0].permute(1, 2, 0).reshape(9, -1)  # row ky * 3 + kx
         return (taps * scale).view(9, -1, 1, 1), taps @ shift
 
-    return _cached(conv, (conv.weight, *_bn_tensors(bn)), make)
+    return cached(conv, (conv.weight, *bn_tensors(bn)), make)
 
 
 def conv_bn_at(x: Tensor, mask: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: str | None) -> Tensor:
