@@ -258,23 +258,33 @@ typedef struct {
     float *patches;
 } patch_ctx_t;
 
-static void patch_range(void *arg, int64_t i0, int64_t i1) {
-    const patch_ctx_t *q = (const patch_ctx_t *)arg;
+/* The patch of border output i: C x kh x kw values, zero where a tap falls outside the image. */
+static void copy_patch(const patch_ctx_t *q, int64_t i) {
     const int64_t T = q->kh * q->kw;
-    for (int64_t i = i0; i < i1; i++) {
-        const int64_t img = q->border[i] / q->hwo, p = q->border[i] % q->hwo;
-        const int64_t iy0 = (p / q->Wo) * q->sh - q->ph, ix0 = (p % q->Wo) * q->sw - q->pw;
-        const float *src = q->x + img * q->C * q->H * q->W;
-        float *dst = q->patches + i * q->C * T;
-        for (int64_t c = 0; c < q->C; c++, src += q->cstride)
-            for (int64_t ky = 0; ky < q->kh; ky++) {
-                const int64_t iy = iy0 + ky * q->dh;
-                for (int64_t kx = 0; kx < q->kw; kx++, dst++) {
-                    const int64_t ix = ix0 + kx * q->dw;
-                    *dst = iy >= 0 && iy < q->H && ix >= 0 && ix < q->W ? src[(iy * q->W + ix) * q->pix] : 0.0f;
-                }
+    const int64_t img = q->border[i] / q->hwo, p = q->border[i] % q->hwo;
+    const int64_t iy0 = (p / q->Wo) * q->sh - q->ph, ix0 = (p % q->Wo) * q->sw - q->pw;
+    const float *src = q->x + img * q->C * q->H * q->W;
+    float *dst = q->patches + i * q->C * T;
+    /* Taps kx in [lo, hi) fall inside the image's columns (the same for every row and channel). */
+    int64_t lo = 0, hi = q->kw;
+    while (lo < hi && ix0 + lo * q->dw < 0) lo++;
+    while (hi > lo && ix0 + (hi - 1) * q->dw >= q->W) hi--;
+    for (int64_t c = 0; c < q->C; c++, src += q->cstride)
+        for (int64_t ky = 0; ky < q->kh; ky++, dst += q->kw) {
+            const int64_t iy = iy0 + ky * q->dh;
+            if (iy < 0 || iy >= q->H) {
+                for (int64_t kx = 0; kx < q->kw; kx++) dst[kx] = 0.0f;
+                continue;
             }
-    }
+            const float *row = src + (iy * q->W + ix0) * q->pix;
+            for (int64_t kx = 0; kx < lo; kx++) dst[kx] = 0.0f;
+            for (int64_t kx = lo; kx < hi; kx++) dst[kx] = row[kx * q->dw * q->pix];
+            for (int64_t kx = hi; kx < q->kw; kx++) dst[kx] = 0.0f;
+        }
+}
+
+static void patch_range(void *arg, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) copy_patch((const patch_ctx_t *)arg, i);
 }
 
 typedef struct {
@@ -287,6 +297,22 @@ static void zero_range(void *arg, int64_t i0, int64_t i1) {
     memset(z->out + i0 * z->plane, 0, sizeof(float) * (size_t)((i1 - i0) * z->plane));
 }
 #endif
+
+/* A per-thread scratch buffer of at least `bytes`, kept between calls (grown, never shrunk): the patch
+ * buffer is large enough that malloc would take it from fresh pages (page faults on every call) and
+ * free would give them back. NULL when out of memory. */
+static void *reuse_scratch(size_t bytes) {
+    static __thread void *buf = NULL;
+    static __thread size_t cap = 0;
+    if (bytes > cap) {
+        void *grown = malloc(bytes + bytes / 4);
+        if (grown == NULL) return NULL;
+        free(buf);
+        buf = grown;
+        cap = bytes + bytes / 4;
+    }
+    return buf;
+}
 
 /* The conv of x (N, C, H, W) with the packed weight at the outputs where mask (N, Ho, Wo) is nonzero,
  * 0 elsewhere, into out (N, Co, Ho, Wo); x and out both NCHW, or both NHWC (channels_last) when nhwc.
@@ -340,7 +366,7 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
         }
     }
 #undef INTERIOR
-    float *patches = nb ? (float *)malloc(sizeof(float) * (size_t)(nb * C * T)) : NULL;
+    float *patches = nb ? (float *)reuse_scratch((size_t)(nb * C * T) * sizeof(float)) : NULL;
     if (nb && patches == NULL) {
         free(base);
         return 0;
@@ -351,11 +377,10 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
     parallel_range(conv_range, &k, item_count(&k), threads);
     if (nb) {
         patch_ctx_t q = {x, border, C, H, W, Wo, hwo, kh, kw, sh, sw, ph, pw, dh, dw, pix, cstride, patches};
-        parallel_range(patch_range, &q, nb, nb * C * T < (1 << 16) ? 1 : threads);
+        parallel_range(patch_range, &q, nb, nb * C * T < (1 << 12) ? 1 : threads);
         conv_ctx_t kb = {patches, wt, bias, pbase, pdest, ptaps, nb, C, T, T, Co, co16, ostride, out};
         parallel_range(conv_range, &kb, item_count(&kb), threads);
     }
-    free(patches);
     free(base);
     return 1;
 #else
