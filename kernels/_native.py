@@ -119,10 +119,13 @@ def lib() -> ctypes.CDLL | None:
 
 def usable(*tensors: Tensor) -> bool:
     """True when the fused kernel serves these tensors: float32 on the CPU, library built for AVX-512."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+    if not enabled() or not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         return False
-    library = lib()
-    return library is not None and bool(library.has_sparse_conv())
+    built = _STATE.get("avx512")  # asked once: a ctypes call costs microseconds on every sparse conv
+    if built is None:
+        library = lib()
+        built = _STATE["avx512"] = library is not None and bool(library.has_sparse_conv())
+    return bool(built)
 
 
 def sparse_conv(x: Tensor, mask: Tensor, g, wt: Tensor, bias: Tensor | None, out: Tensor, nhwc: bool = False) -> bool:

@@ -326,7 +326,8 @@ def block_conv2d(
     check_bool_mask("block_mask", block_mask, (g.batch, hb, wb), f"the conv output in {block_size}x{block_size} blocks")
     if block_mask.device != x.device:
         check_device("block_mask", block_mask, x.device)
-    break_even = block_break_even(x, weight, g.groups)
+    auto = _backend.requested(backend) == "auto"  # only auto's dense fallback needs the break-even
+    break_even = block_break_even(x, weight, g.groups) if auto else 1.0
 
     def executed() -> float:  # fraction of output positions inside active blocks (clipped)
         positions = block_positions(block_mask, g.out_height, g.out_width, block_size).sum()

@@ -564,7 +564,8 @@ def sparse_conv2d(
     check_bool_mask("mask", mask, (g.batch, g.out_height, g.out_width), "the conv output")
     if mask.device != x.device:
         check_device("mask", mask, x.device)
-    break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN)
+    auto = _backend.requested(backend) == "auto"  # only auto's dense fallback needs the break-even
+    break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN) if auto else 1.0
     density = auto_density(backend, break_even, lambda: float(mask.sum()) / max(1, mask.numel()))
     path = _backend.resolve(backend, x.device, density, break_even)
     if dispatch_free(x, mask, weight, bias):
