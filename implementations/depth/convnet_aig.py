@@ -17,7 +17,10 @@
     `aux_loss`.
   - `eval()`: deterministic decision `p_execute > gate_threshold` (0.5 is the argmax of the two
     logits). The residual branch runs **only on the samples whose gate is on**, gathered into a
-    smaller batch and added back in place; a block with no active sample is not called at all.
+    smaller batch and added back in place; a block with no active sample is not called at all. The
+    gate computes only the difference of its two logits (`p_execute` is its sigmoid), with its
+    BatchNorm folded into the first layer (`Gate.execute_logit`): the same decision in three small
+    ops, and one output row's MACs instead of two.
 
 `info` holds `gates (G, N)` (bool in eval, straight-through 0/1 floats in train), `gate_probs (G, N)`,
 `exec_rate` (fraction of executed blocks) and `aux_loss`. The gates' MACs count on the dynamic side.
@@ -48,6 +51,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from implementations.common.fold import bn_affine, bn_tensors, cached
 from implementations.common.gates import gumbel_softmax
 from implementations.common.losses import target_rate_loss
 from implementations.common.resnet import (
@@ -137,6 +142,22 @@ class Gate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.relu(self.bn(self.fc1(x.mean(dim=(2, 3))))))
 
+    def execute_logit(self, x: Tensor) -> Tensor:
+        """Eval: `logits[:, 1] - logits[:, 0]` `(N,)`, so `p_execute = sigmoid` of it. The eval BatchNorm is
+        folded into `fc1` and the two rows of `fc2` into their difference (cached until a weight or a
+        statistic changes): three small ops per gate instead of six plus the module calls."""
+
+        def hidden() -> tuple[Tensor, Tensor]:
+            scale, shift = bn_affine(self.bn)
+            return self.fc1.weight * scale[:, None], self.fc1.bias * scale + shift
+
+        def difference() -> tuple[Tensor, Tensor]:
+            return self.fc2.weight[1] - self.fc2.weight[0], self.fc2.bias[1] - self.fc2.bias[0]
+
+        w1, b1 = cached(self.fc1, (self.fc1.weight, self.fc1.bias, *bn_tensors(self.bn)), hidden)
+        wd, bd = cached(self.fc2, (self.fc2.weight, self.fc2.bias), difference)
+        return torch.addmv(bd, torch.addmm(b1, x.mean(dim=(2, 3)), w1.t()).relu_(), wd)
+
 
 def gated_block_train(block: BasicBlock | Bottleneck, x: Tensor, gate: Tensor) -> Tensor:
     """Relaxed block: `relu(shortcut(x) + gate * residual(x))`; `gate (N,)` 0/1 with gradient."""
@@ -145,6 +166,8 @@ def gated_block_train(block: BasicBlock | Bottleneck, x: Tensor, gate: Tensor) -
 
 def gated_block_eval(block: BasicBlock | Bottleneck, x: Tensor, on: Tensor) -> Tensor:
     """Executing block: the residual branch runs only on the rows where `on (N,)` is True."""
+    if len(x) == 1:  # one image: a Python decision, no index ops
+        return F.relu(block.shortcut(x) + block.residual(x)) if bool(on) else F.relu(block.shortcut(x))
     out = block.shortcut(x)
     idx = on.nonzero().flatten()
     if idx.numel() == len(x):
@@ -170,21 +193,25 @@ class ConvNetAIG(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, dict]:
         h = self.net.stem(x)
         decisions, probs = [], []
+        thr = self.cfg.gate_threshold
+        cut = math.log(thr / (1 - thr)) if thr > 0 else -math.inf  # p_execute > thr <=> logit > cut
         for block, gate in zip(self.net.blocks(), self.gates, strict=True):
-            logits = gate(h)
-            p_exec = torch.softmax(logits, dim=1)[:, 1]
             if self.training:
+                logits = gate(h)
                 g = gumbel_softmax(logits, self.cfg.tau, hard=True, dim=1)[:, 1]
                 h = gated_block_train(block, h, g)
+                probs.append(torch.softmax(logits, dim=1)[:, 1])
             else:
-                g = p_exec > self.cfg.gate_threshold
+                d = gate.execute_logit(h)
+                g = d > cut
                 h = gated_block_eval(block, h, g)
+                probs.append(d)
             decisions.append(g)
-            probs.append(p_exec)
         gates = torch.stack(decisions)
+        gate_probs = torch.stack(probs) if self.training else torch.sigmoid(torch.stack(probs))
         info = {
             "gates": gates,
-            "gate_probs": torch.stack(probs),
+            "gate_probs": gate_probs,
             "exec_rate": gates.float().mean().detach(),
             "aux_loss": self.cfg.loss_weight * target_rate_loss(gates.float(), self.cfg.target_rate),
         }
