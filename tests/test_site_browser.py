@@ -91,7 +91,8 @@ def test_search_finds_a_method_and_its_page_shows_measured_costs(page, base_url)
     rows = table.locator("tbody tr")
     assert rows.count() == 2
     first = [c.strip() for c in rows.nth(0).locator("td").all_inner_texts()]
-    assert first == ["paper_point", "1", "4.089 G", "2.045 G", "2.00x", "12.346", "8.230", "1.50x", "0.75"]
+    assert first == ["paper_point", "1", "4.089 G", "2.045 G", "2.00x", "12.346", "8.230", "1.50x", "1.25x-1.75x",
+                     "0.75"]
     expect(page.get_by_text(f"cpu ({FIXTURE_DEVICE})")).to_be_visible()
     assert page.errors == [] and page.dialogs == []
 
