@@ -43,8 +43,10 @@ stage bench-routing 90 python3 -m benchmarks.bench_routing --device cuda --dtype
   --out "$OUT/routing-cuda.json" 2>&1 | tail -40 >> "$LOG"
 
 # Fixed Triton tiles for the methods (DYNNET_TRITON_AUTOTUNE=0): autotuning every distinct layer shape
-# of 24 networks would spend the session's minutes tuning instead of measuring.
-stage methods "$METHOD_S" env DYNNET_TRITON_AUTOTUNE=0 python3 -m catalog bench --all --device cuda --batch-sizes 1 8 --min-time 0.3 \
+# of 24 networks would spend the session's minutes tuning instead of measuring. --in-process: one CUDA
+# context for all entries (a fresh process per entry would spend seconds of the budget on each start).
+stage methods "$METHOD_S" env DYNNET_TRITON_AUTOTUNE=0 python3 -m catalog bench --all --in-process --device cuda \
+  --batch-sizes 1 8 --min-time 0.3 \
   --results-dir "$OUT/results" 2>&1 | tail -40 >> "$LOG"
 (cd "$OUT/results" 2>/dev/null && tar czf "$OUT/methods.tgz" . && cd .. && rm -rf "$OUT/results")
 echo "== done" | tee -a "$LOG"
