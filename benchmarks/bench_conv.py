@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from benchmarks._graphs import GRAPH_CALLS, capture
 from catalog.env import environment
-from catalog.timing import physical_cores, time_interleaved
+from catalog.timing import physical_cores, steady_allocator, time_interleaved
 from kernels import _backend, _native
 from kernels.block_conv import (
     BLOCK_CONV2D_BREAK_EVEN,
@@ -288,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     print_table(rows)
     env = environment(device, dtype, "channels_last" if args.channels_last else "contiguous", None)
+    if device.type == "cpu":
+        env["allocator"] = steady_allocator()
     env["threads"] = threads
     env["clock"] = args.clock
     env["stat"] = args.stat

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from benchmarks._graphs import GRAPH_CALLS, capture
 from catalog.env import REPO_ROOT, environment
+from catalog.timing import steady_allocator
 from kernels.routed import routed_linear
 from kernels.sliced import sliced_conv2d, sliced_conv2d_macs, sliced_linear, sliced_linear_macs
 from kernels.tokens import gather_tokens, pack_tokens, packed_attention
@@ -75,6 +76,8 @@ def _sample(fn: Callable[[], object], device: torch.device, inner: int) -> float
 
 def compare(fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 3) -> dict:
     """Median milliseconds per call of each function, timed interleaved after warm-up."""
+    if device.type == "cpu":
+        steady_allocator()  # as catalog.timing does: no fresh mappings of large tensors on every call
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -383,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     reps = 7 if args.quick else 15
     result = {"benchmark": "routing", "quick": args.quick,
-              "environment": environment(device, dtype, layout="contiguous"),
+              "environment": {**environment(device, dtype, layout="contiguous"),
+                              **({"allocator": steady_allocator()} if device.type == "cpu" else {})},
               "load_average_before": _load_average()}
     benches = {"sweep": bench_sweep, "routed": bench_routed, "sliced": bench_sliced, "tokens": bench_tokens, "attention": bench_attention}
     with torch.no_grad():  # not inference_mode: weights stay ordinary tensors, as a model's parameters are

@@ -167,7 +167,8 @@ def measure(module: ModuleType, cfg: Any, batch_size: int, device: str | torch.d
         "speedup": speedup,
         "speedup_spread": timed["speedup_spread"],
         "realization": speedup / result["mac_reduction"] if result["mac_reduction"] else float("nan"),
-        "environment": environment(device, next(dense.parameters()).dtype, "contiguous", batch_size),
+        "environment": {**environment(device, next(dense.parameters()).dtype, "contiguous", batch_size),
+                        **({"allocator": timing.steady_allocator()} if device.type == "cpu" else {})},
     }
 
 

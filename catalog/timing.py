@@ -7,6 +7,8 @@ Method (see the design's Latency section):
 - rounds continue until every function has at least ``repeats`` samples **and** at least
   ``min_time_s`` of measured time, or ``max_repeats`` rounds were run;
 - a fixed torch thread count (default: the physical cores this process may use), restored afterwards;
+- on CPU, glibc's malloc keeps freed memory (``steady_allocator``: no fresh mappings and page faults for
+  large tensors on every call, whatever the process ran before);
   garbage collection paused while timing; everything under ``torch.inference_mode()``;
 - on CUDA each call is timed with CUDA events and synchronized before and after it, so a call's
   launch overhead and host syncs are inside its time; on CPU with ``time.perf_counter``.
@@ -18,6 +20,7 @@ only (the GPU machines have no pydantic).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import os
@@ -100,6 +103,34 @@ def speedup(dense: LatencyStats, dynamic: LatencyStats) -> float:
     if dynamic.median_ms == 0:
         return math.inf if dense.median_ms > 0 else math.nan
     return dense.median_ms / dynamic.median_ms
+
+
+_ALLOCATOR: dict[str, str] = {}
+
+
+def steady_allocator() -> str:
+    """Keep freed memory in the process while timing (once per process); returns what was set.
+
+    glibc's malloc maps every block above its mmap threshold (128 KiB in a fresh process) freshly and
+    unmaps it on free, and gives heap memory above its trim threshold back to the OS; in a fresh process
+    every large activation is then faulted in page by page on every call. That cost lands on whichever
+    model allocates the larger tensors (usually the dense one) and depends on the process's allocation
+    history. With mmap off and a 1 GiB trim threshold (``mallopt``) both models run in the steady state of
+    a long-running process. Returns ``'glibc malloc: mmap off, trim threshold 1 GiB'``, or ``'default'``
+    where that does not apply (another C library, or ``mallopt`` refused).
+    """
+    if "state" not in _ALLOCATOR:
+        state = "default"
+        try:
+            mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+        except (OSError, AttributeError):
+            mallopt = None
+        if mallopt is not None:
+            m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+            if mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 1 << 30) == 1:
+                state = "glibc malloc: mmap off, trim threshold 1 GiB"
+        _ALLOCATOR["state"] = state
+    return _ALLOCATOR["state"]
 
 
 def physical_cores() -> int:
@@ -275,6 +306,8 @@ def _interleaved_samples(
     max_repeats: int, threads: int, clock: Callable[[], float] | None,
 ) -> dict[str, list[float]]:
     """Per-call times in ms by name, in round order: element ``i`` of every list comes from round ``i``."""
+    if dev.type == "cpu":
+        steady_allocator()
     timer = _timer(dev, clock)
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
