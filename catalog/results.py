@@ -19,7 +19,7 @@ from catalog.env import REPO_ROOT
 RESULTS_DIR = REPO_ROOT / "catalog" / "results"
 SCHEMA_VERSION = 1
 _SHARED_ENV_KEYS = ("device", "device_name", "cpu_model", "threads", "python", "torch", "triton", "cuda",
-                    "platform", "commit", "date")
+                    "platform", "commit", "date", "allocator")
 
 
 def slug(text: str) -> str:
