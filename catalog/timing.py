@@ -250,26 +250,20 @@ def _timer(
     return time_cpu
 
 
-def time_interleaved(
-    fns: Mapping[str, Callable[[], object]],
-    *,
-    device: str | torch.device = "cpu",
-    warmup: int = DEFAULT_WARMUP,
-    repeats: int = DEFAULT_REPEATS,
-    min_time_s: float = DEFAULT_MIN_TIME_S,
-    max_repeats: int = DEFAULT_MAX_REPEATS,
-    threads: int | None = None,
-    clock: Callable[[], float] | None = None,
-) -> dict[str, LatencyStats]:
+def time_interleaved(fns: Mapping[str, Callable[[], object]], **options: Any) -> dict[str, LatencyStats]:
     """Time every zero-argument function in ``fns``, interleaved; return their stats by name.
 
-    ``warmup``: untimed calls of each function first. ``repeats``: minimum timed calls of each.
-    ``min_time_s``: minimum total measured time of each. ``max_repeats``: cap on timed calls.
-    ``threads``: torch CPU threads while timing (default ``physical_cores()``), restored afterwards.
-    ``clock``: seconds-valued clock for CPU timing (default ``time.perf_counter``; tests inject one).
+    ``options`` are ``interleaved_samples``'s keywords: ``device``; ``warmup`` (untimed calls of each
+    function first); ``repeats`` (minimum timed calls of each); ``min_time_s`` (minimum total measured time
+    of each); ``max_repeats`` (cap on timed calls); ``threads`` (torch CPU threads while timing, default
+    ``physical_cores()``, restored afterwards); ``clock`` (seconds-valued clock for CPU timing, default
+    ``time.perf_counter``; tests inject one).
     """
-    samples = interleaved_samples(fns, device=device, warmup=warmup, repeats=repeats, min_time_s=min_time_s,
-                                  max_repeats=max_repeats, threads=threads, clock=clock)
+    return stats_by_name(interleaved_samples(fns, **options))
+
+
+def stats_by_name(samples: Mapping[str, Sequence[float]]) -> dict[str, LatencyStats]:
+    """``LatencyStats`` of every list of per-call times (ms)."""
     return {name: LatencyStats.from_samples(values) for name, values in samples.items()}
 
 
@@ -284,8 +278,8 @@ def interleaved_samples(
     threads: int | None = None,
     clock: Callable[[], float] | None = None,
 ) -> dict[str, list[float]]:
-    """``time_interleaved``'s raw per-call times (ms) by name, in round order: element ``i`` of every
-    list was measured in round ``i``, so lists can be paired round by round. Same arguments."""
+    """Raw per-call times (ms) by name, in round order: element ``i`` of every list was measured in round
+    ``i``, so lists can be paired round by round. Arguments as described in ``time_interleaved``."""
     fns = _check_fns(fns)
     dev = _check_device(device)
     _check_int("warmup", warmup, 0)
@@ -363,7 +357,7 @@ def compare(
         threads=threads,
         clock=clock,
     )
-    stats = {name: LatencyStats.from_samples(values) for name, values in samples.items()}
+    stats = stats_by_name(samples)
     env = environment(device, dtype, layout, batch_size)
     env["threads"] = threads
     return {
