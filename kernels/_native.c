@@ -89,10 +89,13 @@ static void parallel_range(range_fn fn, void *ctx, int64_t total, int threads) {
 #define TILE_VECTORS 4
 #endif
 
+/* One weight applied at n outputs: output j reads xpad + base[j] + c * plane + taps[i] for its nt taps,
+ * multiplied with the weight rows of taps tw[i] (T taps per input channel in the packed weight), and
+ * writes out + dest[j] + co * hwo. */
 typedef struct {
     const float *xpad, *wt, *bias;
-    const int64_t *base, *dest, *taps;
-    int64_t n, C, T, plane, Co, co16, hwo; /* plane: input channel stride; hwo: output channel stride */
+    const int64_t *base, *dest, *taps, *tw;
+    int64_t n, nt, C, T, plane, Co, co16, hwo; /* plane: input channel stride; hwo: output channel stride */
     float *out;
 } conv_ctx_t;
 
@@ -111,10 +114,12 @@ typedef struct {
         }                                                                                                     \
         const float *src[TILE_PIXELS];                                                                        \
         for (int p = 0; p < TILE_PIXELS; p++) src[p] = k->xpad + base[p < count ? p : count - 1];             \
-        const float *w = k->wt + cb * k->C * k->T + c0 * k->T * 16 * NV; /* block of 16*NV columns */        \
+        const float *wb = k->wt + cb * k->C * k->T; /* the block of 16*NV columns */                         \
         for (int64_t c = c0; c < c1; c++) {                                                                   \
-            for (int64_t t = 0; t < k->T; t++, w += 16 * NV) {                                                \
-                const int64_t off = c * k->plane + k->taps[t];                                                \
+            const float *wc = wb + c * k->T * 16 * NV;                                                        \
+            for (int64_t i = 0; i < k->nt; i++) {                                                             \
+                const int64_t off = c * k->plane + k->taps[i];                                                \
+                const float *w = wc + k->tw[i] * 16 * NV;                                                     \
                 __m512 wv[NV];                                                                                \
                 for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_ps(w + 16 * v);                             \
                 for (int p = 0; p < TILE_PIXELS; p++) {                                                       \
@@ -218,8 +223,6 @@ static void run_tiles(const conv_ctx_t *k, int64_t i0, int64_t i1) {
     free(acc_buf);
 }
 
-static void conv_range(void *arg, int64_t u0, int64_t u1) { run_items((const conv_ctx_t *)arg, u0, u1); }
-
 /* routed_linear: one conv_ctx_t per expert (1x1 "conv" over its rows); tiles numbered globally, the
  * tiles of one expert consecutive. */
 typedef struct {
@@ -314,79 +317,178 @@ static void *reuse_scratch(size_t bytes) {
     return buf;
 }
 
+#if defined(__AVX512F__)
+/* Taps [lo, hi) of a kernel axis (k taps, dilation d) that fall inside [0, size) from input start i0. */
+static void tap_range(int64_t i0, int64_t k, int64_t d, int64_t size, int64_t *lo, int64_t *hi) {
+    int64_t a = 0, b = k;
+    while (a < b && i0 + a * d < 0) a++;
+    while (b > a && i0 + (b - 1) * d >= size) b--;
+    *lo = a;
+    *hi = b;
+}
+
+/* The work items of several weight applications (contexts) as one range: items of context i are
+ * [first[i], first[i + 1]). */
+typedef struct {
+    const conv_ctx_t *ctx;
+    const int64_t *first;
+    int64_t count;
+} multi_ctx_t;
+
+static void multi_range(void *arg, int64_t u0, int64_t u1) {
+    const multi_ctx_t *m = (const multi_ctx_t *)arg;
+    for (int64_t i = 0; i < m->count; i++) {
+        const int64_t a = m->first[i] > u0 ? m->first[i] : u0, b = m->first[i + 1] < u1 ? m->first[i + 1] : u1;
+        if (a < b) run_items(&m->ctx[i], a - m->first[i], b - m->first[i]);
+    }
+}
+#endif
+
+/* A border output's patch copy costs about this many times a weight value streamed by the tiles. */
+#ifndef PATCH_COST
+#define PATCH_COST 8
+#endif
+
 /* The conv of x (N, C, H, W) with the packed weight at the outputs where mask (N, Ho, Wo) is nonzero,
  * 0 elsewhere, into out (N, Co, Ho, Wo); x and out both NCHW, or both NHWC (channels_last) when nhwc.
- * Outputs whose receptive field lies inside the image run in register tiles reading x in place; those
- * crossing the border (zero padding) first get their receptive field copied into a padded patch, then
- * run in the same tiles. No padded copy of x and no list of active outputs is made outside this call.
- * Returns 1 when done, 0 without AVX-512 or memory. */
+ * With bs > 0 the mask is a block mask (N, ceil(Ho / bs), ceil(Wo / bs)): an output is active when its
+ * bs x bs block is (block_conv2d, without expanding the mask to pixels first).
+ * Outputs run in register tiles that read x in place. An output whose receptive field crosses the image
+ * border (zero padding) has fewer valid taps; outputs are grouped by their valid tap window (the
+ * interior, the top row, a corner, ...), and each group runs only its valid taps, again reading x in
+ * place. A group of few outputs with a large weight instead copies its receptive fields into zero-padded
+ * patches (C x kh x kw each; all such outputs share one pass over the weight): streaming a weight's tap
+ * rows once per group would cost more than the copies. No padded copy of x and no list of active outputs
+ * is made outside this call. Returns 1 when done, 0 without AVX-512 or memory. */
 int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const uint8_t *mask, int64_t Ho,
                     int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                     int64_t dw, const float *wt, int64_t Co, int64_t co16, const float *bias, float *out,
-                    int64_t nhwc, int threads) {
+                    int64_t nhwc, int64_t bs, int threads) {
 #if defined(__AVX512F__)
     const int64_t hwo = Ho * Wo, T = kh * kw, total = N * hwo;
+    const int64_t mh = bs > 0 ? (Ho + bs - 1) / bs : Ho, mw = bs > 0 ? (Wo + bs - 1) / bs : Wo; /* mask shape */
     const int64_t pix = nhwc ? C : 1, cstride = nhwc ? 1 : H * W; /* strides in x */
     const int64_t ostride = nhwc ? 1 : hwo;                       /* output channel stride */
-    /* Interior outputs read x in place, border ones a zero-padded copy of their receptive field. With
-     * both kinds present the weight is streamed once per kind; when the interior outputs are fewer than
-     * the output channels, copying their receptive fields too (n x C x T floats) costs less than that
-     * second pass over the weight (Co x C x T), so every output then takes the patch route. */
-#define INTERIOR(i)                                                                                            \
-    ((i) % hwo / Wo * sh - ph >= 0 && (i) % hwo / Wo * sh - ph + (kh - 1) * dh < H &&                          \
-     (i) % hwo % Wo * sw - pw >= 0 && (i) % hwo % Wo * sw - pw + (kw - 1) * dw < W)
-    int64_t n = 0, inner = 0;
-    for (int64_t i = 0; i < total; i++)
-        if (mask[i]) {
-            n++;
-            inner += INTERIOR(i);
+    const int64_t K = (kh + 1) * (kh + 1) * (kw + 1) * (kw + 1);  /* window keys */
+    const int64_t full = (kh * (kw + 1)) * (kw + 1) + kw;         /* the key of all taps valid */
+    /* Per output row / column: the valid taps [lo, hi) and the row's / column's part of the window key. */
+    int64_t *scan = (int64_t *)malloc(sizeof(int64_t) * (size_t)(3 * (Ho + Wo) + Wo + 3 * K + 2));
+    if (scan == NULL) return 0;
+    int64_t *ylo = scan, *yhi = ylo + Ho, *ykey = yhi + Ho, *xlo = ykey + Ho, *xhi = xlo + Wo, *xkey = xhi + Wo;
+    int64_t *mcol = xkey + Wo, *count = mcol + Wo, *start = count + K, *ctx_of = start + K + 1;
+    for (int64_t oy = 0; oy < Ho; oy++) {
+        tap_range(oy * sh - ph, kh, dh, H, &ylo[oy], &yhi[oy]);
+        ykey[oy] = (ylo[oy] * (kh + 1) + yhi[oy]) * (kw + 1) * (kw + 1);
+    }
+    for (int64_t ox = 0; ox < Wo; ox++) {
+        tap_range(ox * sw - pw, kw, dw, W, &xlo[ox], &xhi[ox]);
+        xkey[ox] = xlo[ox] * (kw + 1) + xhi[ox];
+        mcol[ox] = bs > 0 ? ox / bs : ox;
+    }
+#define MASK_ROW(img, oy) (mask + ((img) * mh + (bs > 0 ? (oy) / bs : (oy))) * mw)
+    memset(count, 0, sizeof(int64_t) * (size_t)K);
+    int64_t n = 0;
+    for (int64_t img = 0; img < N; img++)
+        for (int64_t oy = 0; oy < Ho; oy++) {
+            const uint8_t *row = MASK_ROW(img, oy);
+            for (int64_t ox = 0; ox < Wo; ox++)
+                if (row[mcol[ox]]) count[ykey[oy] + xkey[ox]]++;
         }
-    const int all_patches = inner < n && inner < Co;
-    const int64_t m = n > 0 ? n : 1;
-    int64_t *base = (int64_t *)malloc(sizeof(int64_t) * (size_t)(5 * m + 2 * T));
-    if (base == NULL) return 0;
-    int64_t *dest = base + m, *border = dest + m, *pbase = border + m, *pdest = pbase + m;
-    int64_t *taps = pdest + m, *ptaps = taps + T;
-    for (int64_t ky = 0; ky < kh; ky++)
-        for (int64_t kx = 0; kx < kw; kx++) {
-            taps[ky * kw + kx] = (ky * dh * W + kx * dw) * pix;
-            ptaps[ky * kw + kx] = ky * kw + kx;
-        }
-    int64_t ni = 0, nb = 0;
-    for (int64_t i = 0; i < total; i++) {
-        if (!mask[i]) continue;
-        const int64_t img = i / hwo, p = i % hwo, iy0 = (p / Wo) * sh - ph, ix0 = (p % Wo) * sw - pw;
-        if (!all_patches && INTERIOR(i)) {
-            base[ni] = img * C * H * W + (iy0 * W + ix0) * pix;
-            dest[ni++] = nhwc ? (img * hwo + p) * Co : img * Co * hwo + p;
+    for (int64_t key = 0; key < K; key++) n += count[key];
+    /* Route per key: a context of its own (ctx_of >= 0), or the patches (-1). With both interior and
+     * border outputs, when the interior outputs are fewer than the output channels, every output takes
+     * the patch route: copying their receptive fields (n x C x T floats) costs less than passes over the
+     * weight (Co x C x T) per window. */
+    const int all_patches = count[full] < n && count[full] < Co;
+    int64_t nctx = 0, nb = 0, ntaps = 0;
+    for (int64_t key = 0; key < K; key++) {
+        ctx_of[key] = -1;
+        if (count[key] == 0) continue;
+        const int64_t xh = key % (kw + 1), xl = key / (kw + 1) % (kw + 1);
+        const int64_t yh = key / ((kw + 1) * (kw + 1)) % (kh + 1), yl = key / ((kw + 1) * (kw + 1) * (kh + 1));
+        const int64_t valid = (yh - yl) * (xh - xl);
+        if (!all_patches && (key == full || count[key] * T * PATCH_COST >= valid * Co)) {
+            ctx_of[key] = nctx++;
+            ntaps += valid;
         } else {
-            pbase[nb] = nb * C * T;
-            pdest[nb] = nhwc ? (img * hwo + p) * Co : img * Co * hwo + p;
-            border[nb++] = i;
+            nb += count[key];
         }
     }
-#undef INTERIOR
+    const int64_t m = n > 0 ? n : 1, nc = nctx + 1;
+    /* base, dest: outputs of the contexts, grouped by key; border, pbase, pdest: the patch outputs. */
+    int64_t *base = (int64_t *)malloc(sizeof(int64_t) * (size_t)(5 * m + 2 * (ntaps + T) + nc + 1));
+    conv_ctx_t *ctx = (conv_ctx_t *)malloc(sizeof(conv_ctx_t) * (size_t)nc);
     float *patches = nb ? (float *)reuse_scratch((size_t)(nb * C * T) * sizeof(float)) : NULL;
-    if (nb && patches == NULL) {
+    if (base == NULL || ctx == NULL || (nb && patches == NULL)) {
+        free(scan);
         free(base);
+        free(ctx);
         return 0;
     }
+    int64_t *dest = base + m, *border = dest + m, *pbase = border + m, *pdest = pbase + m;
+    int64_t *taps = pdest + m, *tw = taps + ntaps + T, *first = tw + ntaps + T;
+    /* Each context's outputs start at start[key]; its taps are the valid window, relative to the window's
+     * first valid input (inside the image, so base never points outside x). */
+    int64_t at = 0, used = 0;
+    for (int64_t key = 0; key < K; key++) {
+        if (ctx_of[key] < 0) continue;
+        const int64_t xh = key % (kw + 1), xl = key / (kw + 1) % (kw + 1);
+        const int64_t yh = key / ((kw + 1) * (kw + 1)) % (kh + 1), yl = key / ((kw + 1) * (kw + 1) * (kh + 1));
+        const conv_ctx_t k = {x, wt, bias, base + at, dest + at, taps + used, tw + used, count[key],
+                              (yh - yl) * (xh - xl), C, T, cstride, Co, co16, ostride, out};
+        for (int64_t ky = yl; ky < yh; ky++)
+            for (int64_t kx = xl; kx < xh; kx++, used++) {
+                taps[used] = ((ky - yl) * dh * W + (kx - xl) * dw) * pix;
+                tw[used] = ky * kw + kx;
+            }
+        ctx[ctx_of[key]] = k;
+        start[key] = at;
+        at += count[key];
+    }
+    for (int64_t t = 0; t < T; t++) taps[used + t] = tw[used + t] = t; /* patch layout (C, T) */
+    for (int64_t img = 0, j = 0; img < N; img++)
+        for (int64_t oy = 0; oy < Ho; oy++) {
+            const uint8_t *row = MASK_ROW(img, oy);
+            for (int64_t ox = 0; ox < Wo; ox++) {
+                if (!row[mcol[ox]]) continue;
+                const int64_t key = ykey[oy] + xkey[ox], p = oy * Wo + ox;
+                const int64_t o = nhwc ? (img * hwo + p) * Co : img * Co * hwo + p;
+                if (ctx_of[key] >= 0) {
+                    const int64_t i = start[key]++;
+                    base[i] = img * C * H * W + ((oy * sh - ph + ylo[oy] * dh) * W + ox * sw - pw + xlo[ox] * dw) * pix;
+                    dest[i] = o;
+                } else {
+                    pbase[j] = j * C * T;
+                    pdest[j] = o;
+                    border[j++] = img * hwo + p;
+                }
+            }
+        }
+#undef MASK_ROW
+    if (nb) {
+        const conv_ctx_t kb = {patches, wt, bias, pbase, pdest, taps + used, tw + used, nb, T, C, T, T, Co, co16,
+                               ostride, out};
+        ctx[nctx] = kb;
+    }
+    const int64_t count_ctx = nctx + (nb ? 1 : 0);
+    first[0] = 0;
+    for (int64_t i = 0; i < count_ctx; i++) first[i + 1] = first[i] + item_count(&ctx[i]);
     zero_ctx_t z = {out, hwo};
     parallel_range(zero_range, &z, N * Co, total * Co < (1 << 16) ? 1 : threads);
-    conv_ctx_t k = {x, wt, bias, base, dest, taps, ni, C, T, cstride, Co, co16, ostride, out};
-    parallel_range(conv_range, &k, item_count(&k), threads);
     if (nb) {
         patch_ctx_t q = {x, border, C, H, W, Wo, hwo, kh, kw, sh, sw, ph, pw, dh, dw, pix, cstride, patches};
         parallel_range(patch_range, &q, nb, nb * C * T < (1 << 12) ? 1 : threads);
-        conv_ctx_t kb = {patches, wt, bias, pbase, pdest, ptaps, nb, C, T, T, Co, co16, ostride, out};
-        parallel_range(conv_range, &kb, item_count(&kb), threads);
     }
+    multi_ctx_t mc = {ctx, first, count_ctx};
+    parallel_range(multi_range, &mc, first[count_ctx], threads);
+    free(scan);
     free(base);
+    free(ctx);
     return 1;
 #else
     (void)x; (void)N; (void)C; (void)H; (void)W; (void)mask; (void)Ho; (void)Wo; (void)kh; (void)kw; (void)sh;
     (void)sw; (void)ph; (void)pw; (void)dh; (void)dw; (void)wt; (void)Co; (void)co16; (void)bias; (void)out;
-    (void)nhwc; (void)threads;
+    (void)nhwc; (void)bs; (void)threads;
     return 0;
 #endif
 }
@@ -421,7 +523,7 @@ int routed_linear_f32(const float *x, int64_t T, int64_t Cin, const int64_t *rou
         for (int64_t e = 0; e < E; e++) {
             const int64_t n = offsets[e + 1] - offsets[e];
             const conv_ctx_t k = {x, wt + e * Cin * co16, bias ? bias + e * co16 : NULL, base + offsets[e],
-                                  dest + offsets[e], &tap0, n, Cin, 1, 1, Co, co16, 1, out};
+                                  dest + offsets[e], &tap0, &tap0, n, 1, Cin, 1, 1, Co, co16, 1, out};
             experts[e] = k;
             for (int64_t i = 0; i * TILE_PIXELS < n; i++, nt++) {
                 tile_expert[nt] = e;

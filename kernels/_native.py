@@ -85,7 +85,7 @@ def _build(compiler: str, flags: list[str]) -> Path:
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.sparse_conv_f32.argtypes = [_PTR] + [_I64] * 4 + [_PTR] + [_I64] * 10 + [_PTR, _I64, _I64, _PTR, _PTR,
-                                                                                  _I64, ctypes.c_int]
+                                                                                  _I64, _I64, ctypes.c_int]
     library.sparse_conv_f32.restype = ctypes.c_int
     library.has_sparse_conv.restype = ctypes.c_int
     library.routed_linear_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int]
@@ -128,20 +128,22 @@ def usable(*tensors: Tensor) -> bool:
     return bool(built)
 
 
-def sparse_conv(x: Tensor, mask: Tensor, g, wt: Tensor, bias: Tensor | None, out: Tensor, nhwc: bool = False) -> bool:
+def sparse_conv(x: Tensor, mask: Tensor, g, wt: Tensor, bias: Tensor | None, out: Tensor, nhwc: bool = False,
+                block_size: int = 0) -> bool:
     """Fused direct conv at the outputs where ``mask`` is true, 0 elsewhere; False where not built for it.
 
     x ``(N, Cin, H, W)`` and out ``(N, Cout, Hout, Wout)`` both contiguous, or both channels_last when
-    ``nhwc``; mask bool ``(N, Hout, Wout)`` contiguous; wt: ``pack_conv``'s column blocks; bias
-    ``(Cout16,)`` or None. Every element of ``out`` is written.
+    ``nhwc``; mask bool ``(N, Hout, Wout)`` contiguous, or with ``block_size > 0`` a block mask
+    ``(N, ceil(Hout/B), ceil(Wout/B))`` (an output is active when its block is); wt: ``pack_conv``'s
+    column blocks; bias ``(Cout16,)`` or None. Every element of ``out`` is written.
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.kernel, g.stride, g.padding, g.dilation
     co16 = wt.numel() // (g.in_channels * kh * kw)
-    macs = mask.numel() * wt.numel()  # an upper bound (every output active) for the thread choice
+    macs = g.batch * g.out_height * g.out_width * wt.numel()  # an upper bound (every output active): threads
     done = lib().sparse_conv_f32(
         x.data_ptr(), g.batch, g.in_channels, g.height, g.width, mask.data_ptr(), g.out_height, g.out_width,
         kh, kw, sh, sw, ph, pw, dh, dw, wt.data_ptr(), g.out_channels, co16,
-        None if bias is None else bias.data_ptr(), out.data_ptr(), int(nhwc),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), int(nhwc), block_size,
         1 if macs < PARALLEL_MACS else max(1, torch.get_num_threads()))
     return bool(done)
 

@@ -44,6 +44,7 @@ from kernels.sparse_conv import (
     cpu_break_even,
     cpu_sparse_conv,
     fused_applies,
+    fused_route,
     masked_conv_backward,
     output_format,
     padded_extent,
@@ -188,6 +189,10 @@ def _cpu_block_conv(
     x: Tensor, block_mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, block_size: int
 ) -> Tensor:
     if _cpu_block_route(x, weight, g.groups) == "im2col":
+        if fused_applies(x, weight, g.groups):
+            out = fused_route(x, block_mask, weight, bias, g, block_size)
+            if out is not None:
+                return out
         pixels = expand_block_mask(block_mask, g.out_height, g.out_width, block_size)
         return cpu_sparse_conv(x, pixels, weight, bias, g)
     return _cpu_block_conv_windows(x, block_mask, weight, bias, g, block_size)

@@ -293,15 +293,17 @@ def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, floa
     return table.get(x.device.type, 1.0)
 
 
-def _fused_route(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry) -> Tensor | None:
+def fused_route(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry,
+                block_size: int = 0) -> Tensor | None:
     """The conv at the active pixels by the native AVX-512 kernel, in ``x``'s layout (NCHW or
-    channels_last, as ``output_format``); None if unavailable."""
+    channels_last, as ``output_format``); None if unavailable. ``block_size > 0``: ``mask`` is a block
+    mask ``(N, ceil(Hout/B), ceil(Wout/B))``, read by the kernel as such (never expanded to pixels)."""
     wt, bt = packed_weight(weight, bias)
     fmt = output_format(x)
     out = torch.empty(g.batch, g.out_channels, g.out_height, g.out_width, dtype=x.dtype, device=x.device,
                       memory_format=fmt)
     nhwc = fmt == torch.channels_last
-    done = _native.sparse_conv(x.contiguous(memory_format=fmt), mask.contiguous(), g, wt, bt, out, nhwc)
+    done = _native.sparse_conv(x.contiguous(memory_format=fmt), mask.contiguous(), g, wt, bt, out, nhwc, block_size)
     return out if done else None
 
 
@@ -414,7 +416,7 @@ def cpu_sparse_conv(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None
     fields, one GEMM, scatter into a zero output."""
     fmt = output_format(x)
     if fused_applies(x, weight, g.groups):
-        out = _fused_route(x, mask, weight, bias, g)
+        out = fused_route(x, mask, weight, bias, g)
         if out is not None:
             return out
     active = mask.reshape(-1).nonzero().squeeze(1)

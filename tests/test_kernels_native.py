@@ -38,7 +38,7 @@ def fused_ran(x, mask, weight, bias, **conv) -> bool:
     """Whether the fused kernel (not a fallback route) serves this call."""
     g = _conv_geometry(tuple(x.shape), tuple(weight.shape), None, conv.get("stride", 1), conv.get("padding", 0),
                        conv.get("dilation", 1), conv.get("groups", 1))
-    return sparse_mod._fused_route(x, mask, weight, bias, g) is not None
+    return sparse_mod.fused_route(x, mask, weight, bias, g) is not None
 
 
 def test_library_builds_where_a_compiler_and_avx512_exist() -> None:
@@ -60,6 +60,8 @@ def test_library_builds_where_a_compiler_and_avx512_exist() -> None:
         (1, 8, 16, 8, 9, 1, 1, 0, 1),  # 1x1
         (1, 3, 33, 9, 8, 5, 1, 0, 1),  # 5x5 without padding
         (3, 64, 64, 12, 12, 3, 1, 1, 1),  # enough channels for several input-channel passes
+        (1, 4, 24, 20, 20, 3, 1, 1, 1),  # border rows/columns run their valid taps in place, corners as patches
+        (2, 5, 8, 12, 12, 3, 1, 3, 1),  # padding 3: outputs on the outer ring read only zero padding
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -134,17 +136,23 @@ def test_property_fused_kernel(n, cin, cout, h, w, k, stride, padding, dilation,
     torch.testing.assert_close(out, ref * mask.unsqueeze(1), **TOL)
 
 
+@pytest.mark.parametrize("block_size,stride", [(8, 1), (4, 2), (3, 1)])  # border blocks clipped in each
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_block_conv2d_float32_runs_the_fused_kernel_exactly_on_active_blocks(channels_last) -> None:
-    x, weight, bias = torch.randn(2, 8, 17, 15), torch.randn(24, 8, 3, 3) / 8, torch.randn(24)
+def test_block_conv2d_float32_runs_the_fused_kernel_exactly_on_active_blocks(block_size, stride, channels_last) -> None:
+    gen = torch.Generator().manual_seed(block_size)
+    x, weight, bias = torch.randn(2, 8, 17, 15, generator=gen), torch.randn(24, 8, 3, 3, generator=gen) / 8, torch.randn(24)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    block_mask = torch.rand(2, 3, 2) < 0.5
-    out = block_conv2d(x, block_mask, weight, bias, padding=1, block_size=8, backend="cpu")
-    pixels = expand_block_mask(block_mask, 17, 15, 8)
-    torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=1) * pixels.unsqueeze(1), **TOL)
+    ho, wo = -(-17 // stride), -(-15 // stride)
+    block_mask = torch.rand(2, -(-ho // block_size), -(-wo // block_size), generator=gen) < 0.5
+    out = block_conv2d(x, block_mask, weight, bias, stride=stride, padding=1, block_size=block_size, backend="cpu")
+    pixels = expand_block_mask(block_mask, ho, wo, block_size)
+    torch.testing.assert_close(out, F.conv2d(x, weight, bias, stride, 1) * pixels.unsqueeze(1), **TOL)
     if channels_last:
         assert out.is_contiguous(memory_format=torch.channels_last)
+    if _native.lib() is not None and _has_avx512():  # the kernel reads the block mask itself
+        g = _conv_geometry(tuple(x.shape), tuple(weight.shape), None, stride, 1, 1, 1)
+        assert sparse_mod.fused_route(x, block_mask, weight, bias, g, block_size) is not None
 
 
 def test_packed_weight_follows_in_place_updates() -> None:
