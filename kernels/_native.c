@@ -97,6 +97,7 @@ typedef struct {
     const int64_t *base, *dest, *taps, *tw;
     int64_t n, nt, C, T, plane, Co, co16, hwo; /* plane: input channel stride; hwo: output channel stride */
     float *out;
+    int64_t acc; /* 1: add the result to out's values instead of storing it */
 } conv_ctx_t;
 
 #if defined(__AVX512F__)
@@ -139,11 +140,15 @@ typedef struct {
                 _mm512_storeu_ps(lanes, acc[v][p]);                                                           \
                 const int64_t co0 = cb + 16 * v;                                                              \
                 const int64_t lim = k->Co - co0 < 16 ? k->Co - co0 : 16;                                      \
-                if (k->hwo == 1 && lim == 16) { /* row-major output (routed_linear): one vector store */      \
-                    _mm512_storeu_ps(k->out + dest[p] + co0, acc[v][p]);                                      \
+                float *o = k->out + dest[p] + co0 * k->hwo;                                                   \
+                if (k->hwo == 1 && lim == 16) { /* row-major output (NHWC, routed_linear): one vector */      \
+                    _mm512_storeu_ps(o, k->acc ? _mm512_add_ps(_mm512_loadu_ps(o), acc[v][p]) : acc[v][p]);   \
                     continue;                                                                                 \
                 }                                                                                             \
-                for (int64_t l = 0; l < lim; l++) k->out[dest[p] + (co0 + l) * k->hwo] = lanes[l];            \
+                if (k->acc)                                                                                   \
+                    for (int64_t l = 0; l < lim; l++) o[l * k->hwo] += lanes[l];                              \
+                else                                                                                          \
+                    for (int64_t l = 0; l < lim; l++) o[l * k->hwo] = lanes[l];                               \
             }                                                                                                 \
     }
 DEFINE_TILE(1)
@@ -352,7 +357,8 @@ static void multi_range(void *arg, int64_t u0, int64_t u1) {
 /* The conv of x (N, C, H, W) with the packed weight at the outputs where mask (N, Ho, Wo) is nonzero,
  * 0 elsewhere, into out (N, Co, Ho, Wo); x and out both NCHW, or both NHWC (channels_last) when nhwc.
  * With bs > 0 the mask is a block mask (N, ceil(Ho / bs), ceil(Wo / bs)): an output is active when its
- * bs x bs block is (block_conv2d, without expanding the mask to pixels first).
+ * bs x bs block is (block_conv2d, without expanding the mask to pixels first). With accumulate, out holds
+ * a residual on entry: the conv is added to it at the active outputs and the rest is left as it is.
  * Outputs run in register tiles that read x in place. An output whose receptive field crosses the image
  * border (zero padding) has fewer valid taps; outputs are grouped by their valid tap window (the
  * interior, the top row, a corner, ...), and each group runs only its valid taps, again reading x in
@@ -363,7 +369,7 @@ static void multi_range(void *arg, int64_t u0, int64_t u1) {
 int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const uint8_t *mask, int64_t Ho,
                     int64_t Wo, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
                     int64_t dw, const float *wt, int64_t Co, int64_t co16, const float *bias, float *out,
-                    int64_t nhwc, int64_t bs, int threads) {
+                    int64_t nhwc, int64_t bs, int64_t accumulate, int threads) {
 #if defined(__AVX512F__)
     const int64_t hwo = Ho * Wo, T = kh * kw, total = N * hwo;
     const int64_t mh = bs > 0 ? (Ho + bs - 1) / bs : Ho, mw = bs > 0 ? (Wo + bs - 1) / bs : Wo; /* mask shape */
@@ -435,7 +441,7 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
         const int64_t xh = key % (kw + 1), xl = key / (kw + 1) % (kw + 1);
         const int64_t yh = key / ((kw + 1) * (kw + 1)) % (kh + 1), yl = key / ((kw + 1) * (kw + 1) * (kh + 1));
         const conv_ctx_t k = {x, wt, bias, base + at, dest + at, taps + used, tw + used, count[key],
-                              (yh - yl) * (xh - xl), C, T, cstride, Co, co16, ostride, out};
+                              (yh - yl) * (xh - xl), C, T, cstride, Co, co16, ostride, out, accumulate};
         for (int64_t ky = yl; ky < yh; ky++)
             for (int64_t kx = xl; kx < xh; kx++, used++) {
                 taps[used] = ((ky - yl) * dh * W + (kx - xl) * dw) * pix;
@@ -467,14 +473,14 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
 #undef MASK_ROW
     if (nb) {
         const conv_ctx_t kb = {patches, wt, bias, pbase, pdest, taps + used, tw + used, nb, T, C, T, T, Co, co16,
-                               ostride, out};
+                               ostride, out, accumulate};
         ctx[nctx] = kb;
     }
     const int64_t count_ctx = nctx + (nb ? 1 : 0);
     first[0] = 0;
     for (int64_t i = 0; i < count_ctx; i++) first[i + 1] = first[i] + item_count(&ctx[i]);
     zero_ctx_t z = {out, hwo};
-    parallel_range(zero_range, &z, N * Co, total * Co < (1 << 16) ? 1 : threads);
+    if (!accumulate) parallel_range(zero_range, &z, N * Co, total * Co < (1 << 16) ? 1 : threads);
     if (nb) {
         patch_ctx_t q = {x, border, C, H, W, Wo, hwo, kh, kw, sh, sw, ph, pw, dh, dw, pix, cstride, patches};
         parallel_range(patch_range, &q, nb, nb * C * T < (1 << 12) ? 1 : threads);
@@ -488,7 +494,7 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
 #else
     (void)x; (void)N; (void)C; (void)H; (void)W; (void)mask; (void)Ho; (void)Wo; (void)kh; (void)kw; (void)sh;
     (void)sw; (void)ph; (void)pw; (void)dh; (void)dw; (void)wt; (void)Co; (void)co16; (void)bias; (void)out;
-    (void)nhwc; (void)bs; (void)threads;
+    (void)nhwc; (void)bs; (void)accumulate; (void)threads;
     return 0;
 #endif
 }
@@ -523,7 +529,7 @@ int routed_linear_f32(const float *x, int64_t T, int64_t Cin, const int64_t *rou
         for (int64_t e = 0; e < E; e++) {
             const int64_t n = offsets[e + 1] - offsets[e];
             const conv_ctx_t k = {x, wt + e * Cin * co16, bias ? bias + e * co16 : NULL, base + offsets[e],
-                                  dest + offsets[e], &tap0, &tap0, n, 1, Cin, 1, 1, Co, co16, 1, out};
+                                  dest + offsets[e], &tap0, &tap0, n, 1, Cin, 1, 1, Co, co16, 1, out, 0};
             experts[e] = k;
             for (int64_t i = 0; i * TILE_PIXELS < n; i++, nt++) {
                 tile_expert[nt] = e;

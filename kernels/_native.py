@@ -85,7 +85,7 @@ def _build(compiler: str, flags: list[str]) -> Path:
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.sparse_conv_f32.argtypes = [_PTR] + [_I64] * 4 + [_PTR] + [_I64] * 10 + [_PTR, _I64, _I64, _PTR, _PTR,
-                                                                                  _I64, _I64, ctypes.c_int]
+                                                                                  _I64, _I64, _I64, ctypes.c_int]
     library.sparse_conv_f32.restype = ctypes.c_int
     library.has_sparse_conv.restype = ctypes.c_int
     library.routed_linear_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int]
@@ -129,13 +129,14 @@ def usable(*tensors: Tensor) -> bool:
 
 
 def sparse_conv(x: Tensor, mask: Tensor, g, wt: Tensor, bias: Tensor | None, out: Tensor, nhwc: bool = False,
-                block_size: int = 0) -> bool:
+                block_size: int = 0, accumulate: bool = False) -> bool:
     """Fused direct conv at the outputs where ``mask`` is true, 0 elsewhere; False where not built for it.
 
     x ``(N, Cin, H, W)`` and out ``(N, Cout, Hout, Wout)`` both contiguous, or both channels_last when
     ``nhwc``; mask bool ``(N, Hout, Wout)`` contiguous, or with ``block_size > 0`` a block mask
     ``(N, ceil(Hout/B), ceil(Wout/B))`` (an output is active when its block is); wt: ``pack_conv``'s
-    column blocks; bias ``(Cout16,)`` or None. Every element of ``out`` is written.
+    column blocks; bias ``(Cout16,)`` or None. Every element of ``out`` is written; with ``accumulate``,
+    ``out`` holds a residual that the conv is added to at the active outputs (the rest is left as it is).
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.kernel, g.stride, g.padding, g.dilation
     co16 = wt.numel() // (g.in_channels * kh * kw)
@@ -143,7 +144,7 @@ def sparse_conv(x: Tensor, mask: Tensor, g, wt: Tensor, bias: Tensor | None, out
     done = lib().sparse_conv_f32(
         x.data_ptr(), g.batch, g.in_channels, g.height, g.width, mask.data_ptr(), g.out_height, g.out_width,
         kh, kw, sh, sw, ph, pw, dh, dw, wt.data_ptr(), g.out_channels, co16,
-        None if bias is None else bias.data_ptr(), out.data_ptr(), int(nhwc), block_size,
+        None if bias is None else bias.data_ptr(), out.data_ptr(), int(nhwc), block_size, int(accumulate),
         1 if macs < PARALLEL_MACS else max(1, torch.get_num_threads()))
     return bool(done)
 

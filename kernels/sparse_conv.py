@@ -135,6 +135,19 @@ def check_conv_args(
     return _conv_geometry.__wrapped__(*args)
 
 
+def check_residual(residual: object, x: Tensor, g: ConvGeometry) -> None:
+    """``residual``: a tensor of the conv output's shape, with ``x``'s dtype and device."""
+    check_tensor("residual", residual, ndim=4, dtypes=FLOAT_DTYPES)
+    assert isinstance(residual, Tensor)
+    want = (g.batch, g.out_channels, g.out_height, g.out_width)
+    if tuple(residual.shape) != want:
+        raise ValueError(f"residual: expected shape {want} (the conv output), got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype:
+        check_same_dtype([("x", x), ("residual", residual)])
+    if residual.device != x.device:
+        check_same_device([("x", x), ("residual", residual)])
+
+
 def _plain(value: object) -> bool:
     """An int or a short tuple/list of ints (safe, unambiguous cache keys; bools are not ints here)."""
     if type(value) is int:
@@ -294,16 +307,21 @@ def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, floa
 
 
 def fused_route(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry,
-                block_size: int = 0) -> Tensor | None:
+                block_size: int = 0, residual: Tensor | None = None) -> Tensor | None:
     """The conv at the active pixels by the native AVX-512 kernel, in ``x``'s layout (NCHW or
     channels_last, as ``output_format``); None if unavailable. ``block_size > 0``: ``mask`` is a block
-    mask ``(N, ceil(Hout/B), ceil(Wout/B))``, read by the kernel as such (never expanded to pixels)."""
+    mask ``(N, ceil(Hout/B), ceil(Wout/B))``, read by the kernel as such (never expanded to pixels).
+    ``residual``: the result starts as a copy of it and the kernel adds the conv at the active pixels (no
+    zero fill and no separate add pass)."""
     wt, bt = packed_weight(weight, bias)
     fmt = output_format(x)
     out = torch.empty(g.batch, g.out_channels, g.out_height, g.out_width, dtype=x.dtype, device=x.device,
                       memory_format=fmt)
+    if residual is not None:
+        out.copy_(residual)
     nhwc = fmt == torch.channels_last
-    done = _native.sparse_conv(x.contiguous(memory_format=fmt), mask.contiguous(), g, wt, bt, out, nhwc, block_size)
+    done = _native.sparse_conv(x.contiguous(memory_format=fmt), mask.contiguous(), g, wt, bt, out, nhwc, block_size,
+                               residual is not None)
     return out if done else None
 
 
@@ -470,8 +488,16 @@ def _geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequenc
 
 
 def _sparse_conv2d_impl(
-    x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, path: str
+    x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, path: str,
+    residual: Tensor | None = None,
 ) -> Tensor:
+    if residual is not None:
+        if path == "cpu" and fused_applies(x, weight, g.groups):
+            out = fused_route(x, mask, weight, bias, g, residual=residual)
+            if out is not None:
+                return out
+        out = _sparse_conv2d_impl(x, mask, weight, bias, g, path)
+        return torch.add(out, residual).contiguous(memory_format=output_format(x))
     if path in ("reference", "dense"):
         return _dense_masked(x, mask, weight, bias, g, exact=path == "reference")
     if path == "cpu":
@@ -494,13 +520,15 @@ def _sparse_conv2d_op(
     dilation: Sequence[int],
     groups: int,
     path: str,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """The op behind ``sparse_conv2d``; ``path`` is the resolved backend name."""
-    return _sparse_conv2d_impl(x, mask, weight, bias, _geometry(x, weight, stride, padding, dilation, groups), path)
+    g = _geometry(x, weight, stride, padding, dilation, groups)
+    return _sparse_conv2d_impl(x, mask, weight, bias, g, path, residual)
 
 
 @_sparse_conv2d_op.register_fake
-def _(x, mask, weight, bias, stride, padding, dilation, groups, path):
+def _(x, mask, weight, bias, stride, padding, dilation, groups, path, residual=None):
     g = _geometry(x, weight, stride, padding, dilation, groups)
     shape = (g.batch, g.out_channels, g.out_height, g.out_width)
     return x.new_empty(shape).contiguous(memory_format=output_format(x))
@@ -519,22 +547,24 @@ def masked_conv_backward(ctx, grad: Tensor, pixel_mask: Tensor) -> tuple:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, mask, weight, bias, stride, padding, dilation, groups, _path = inputs
+    x, mask, weight, bias, stride, padding, dilation, groups, _path, residual = inputs
     ctx.save_for_backward(x, weight, mask)
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.stride, ctx.padding, ctx.dilation, ctx.groups = list(stride), list(padding), list(dilation), groups
 
 
 def _backward(ctx, grad: Tensor):
     gx, gw, gb = masked_conv_backward(ctx, grad, ctx.saved_tensors[2])
-    return gx, None, gw, gb, None, None, None, None, None
+    g_residual = grad if ctx.has_residual and ctx.needs_input_grad[9] else None
+    return gx, None, gw, gb, None, None, None, None, None, g_residual
 
 
 _sparse_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @register_flop_formula(torch.ops.dynnet.sparse_conv2d, get_raw=True)
-def _sparse_conv2d_flops(x, mask, weight, bias, stride, padding, dilation, groups, path, out_val=None) -> int:
+def _sparse_conv2d_flops(x, mask, weight, bias, stride, padding, dilation, groups, path, residual=None,
+                         out_val=None) -> int:
     """FLOPs (2 x MACs) of what the path executed: active positions, or dense for reference/dense."""
     if path in ("reference", "dense"):
         return 2 * conv2d_macs(mask.shape[0], mask.shape[1], mask.shape[2], weight.shape)
@@ -555,23 +585,29 @@ def sparse_conv2d(
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     backend: str | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """``F.conv2d`` at the outputs where ``mask`` is true, exactly 0 elsewhere.
+    """``F.conv2d`` at the outputs where ``mask`` is true, exactly 0 elsewhere; plus ``residual`` if given.
 
     x ``(N, Cin, H, W)``; mask bool ``(N, Hout, Wout)``; weight ``(Cout, Cin/groups, kh, kw)``;
     bias ``(Cout,)`` or None. Returns ``(N, Cout, Hout, Wout)`` (channels_last if ``x`` is).
     ``backend``: reference | cpu | triton | auto (default: ``$DYNNET_KERNEL_BACKEND`` or auto).
+    ``residual`` ``(N, Cout, Hout, Wout)`` (not modified): returns ``residual + sparse_conv2d(...)``, which
+    the fused CPU kernel computes by adding the conv into a copy of ``residual`` at the active outputs
+    (a residual block's add without a zero-filled output and a separate pass over it).
     """
     g = check_conv_args(x, weight, bias, stride, padding, dilation, groups)
     check_bool_mask("mask", mask, (g.batch, g.out_height, g.out_width), "the conv output")
     if mask.device != x.device:
         check_device("mask", mask, x.device)
+    if residual is not None:
+        check_residual(residual, x, g)
     auto = _backend.requested(backend) == "auto"  # only auto's dense fallback needs the break-even
     break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN) if auto else 1.0
     density = auto_density(backend, break_even, lambda: float(mask.sum()) / max(1, mask.numel()))
     path = _backend.resolve(backend, x.device, density, break_even)
-    if dispatch_free(x, mask, weight, bias):
-        return _sparse_conv2d_impl(x, mask, weight, bias, g, path)
+    if dispatch_free(x, mask, weight, bias, residual):
+        return _sparse_conv2d_impl(x, mask, weight, bias, g, path, residual)
     return torch.ops.dynnet.sparse_conv2d(
-        x, mask, weight, bias, list(g.stride), list(g.padding), list(g.dilation), g.groups, path
+        x, mask, weight, bias, list(g.stride), list(g.padding), list(g.dilation), g.groups, path, residual
     )

@@ -193,11 +193,45 @@ def test_opcheck_fake_and_autograd_registrations() -> None:
     x, weight, bias, _ = make_case("3x3_odd")
     mask = random_mask((2, 9, 7), 0.5)
     block_mask = random_mask((2, 5, 4), 0.5)
+    residual = torch.randn(2, 6, 9, 7, dtype=x.dtype, requires_grad=True)
     for path in ("cpu", "reference"):
         torch.library.opcheck(torch.ops.dynnet.sparse_conv2d, (x, mask, weight, bias, [1, 1], [1, 1], [1, 1], 1, path))
         torch.library.opcheck(
+            torch.ops.dynnet.sparse_conv2d, (x, mask, weight, bias, [1, 1], [1, 1], [1, 1], 1, path, residual)
+        )
+        torch.library.opcheck(
             torch.ops.dynnet.block_conv2d, (x, block_mask, weight, None, [1, 1], [1, 1], [1, 1], 1, 2, path)
         )
+
+
+@pytest.mark.parametrize("case", ["3x3_odd", "stride2", "groups2", "1x1"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
+def test_residual_is_added_everywhere_and_left_unmodified(case, channels_last, backend) -> None:
+    """float32 runs the native kernel's accumulate mode (groups=1), the other cases the generic add."""
+    x, weight, bias, conv = make_case(case, dtype=torch.float32, channels_last=channels_last)
+    ref = dense(x, weight, bias, conv)
+    mask = random_mask((ref.shape[0], *ref.shape[2:]), 0.4)
+    mask[0] = False  # one sample with nothing active: exactly its residual
+    residual = torch.randn_like(ref)
+    kept = residual.clone()
+    out = sparse_conv2d(x, mask, weight, bias, **conv, backend=backend, residual=residual)
+    torch.testing.assert_close(out, residual + ref * mask.unsqueeze(1), rtol=1e-4, atol=1e-4)
+    assert torch.equal(out[0], residual[0]) and torch.equal(residual, kept)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_gradients_reach_the_residual_and_match_the_dense_reference() -> None:
+    x, weight, bias, conv = make_case("3x3_odd")
+    mask = random_mask((2, 9, 7), 0.5)
+    residual = torch.randn(2, 6, 9, 7, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, residual)]
+    out = sparse_conv2d(leaves[0], mask, leaves[1], leaves[2], **conv, backend="cpu", residual=leaves[3])
+    out.square().sum().backward()
+    refs = [t.clone().requires_grad_() for t in (x, weight, bias, residual)]
+    (refs[3] + dense(*refs[:3], conv) * mask.unsqueeze(1)).square().sum().backward()
+    for got, want in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(got.grad, want.grad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,6 +346,11 @@ BAD_INPUTS = [
     ("padding_negative", dict(padding=-1), ValueError, "padding: expected values >= 0"),
     ("padding_float", dict(padding=1.0), TypeError, "padding: expected an int or a pair"),
     ("too_small", dict(padding=0, x=torch.randn(2, 4, 2, 2)), ValueError, "x: spatial size (2, 2) is too small"),
+    ("residual_shape", dict(residual=torch.randn(2, 6, 9, 8)), ValueError,
+     "residual: expected shape (2, 6, 9, 7) (the conv output), got (2, 6, 9, 8)"),
+    ("residual_dtype", dict(residual=torch.randn(2, 6, 9, 7, dtype=torch.float64)), TypeError,
+     "residual: expected dtype torch.float32 (the dtype of x)"),
+    ("residual_not_tensor", dict(residual=1.0), TypeError, "residual: expected a torch.Tensor"),
 ]
 
 

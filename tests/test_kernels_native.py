@@ -116,6 +116,24 @@ def test_fused_kernel_split_over_threads(shape, channels_last, monkeypatch) -> N
         assert fused_ran(x, mask, weight, bias, padding=1)
 
 
+@pytest.mark.parametrize("cout", [20, 32, 80])  # a narrow last column block; full 16-lane stores (NHWC)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_kernel_adds_into_a_copy_of_the_residual(cout, channels_last) -> None:
+    gen = torch.Generator().manual_seed(cout)
+    x = torch.randn(2, 12, 11, 10, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    weight, bias = torch.randn(cout, 12, 3, 3, generator=gen) / 10, torch.randn(cout, generator=gen)
+    mask = torch.rand(2, 11, 10, generator=gen) < 0.4
+    residual = torch.randn(2, cout, 11, 10, generator=gen)
+    out = sparse_conv2d(x, mask, weight, bias, padding=1, backend="cpu", residual=residual)
+    expected = residual + F.conv2d(x, weight, bias, padding=1).masked_fill(~mask.unsqueeze(1), 0)
+    torch.testing.assert_close(out, expected, **TOL)
+    assert torch.equal(out.masked_select(~mask.unsqueeze(1)), residual.masked_select(~mask.unsqueeze(1)))
+    if _native.lib() is not None and _has_avx512():
+        g = _conv_geometry(tuple(x.shape), tuple(weight.shape), None, 1, 1, 1, 1)
+        assert sparse_mod.fused_route(x, mask, weight, bias, g, residual=residual) is not None
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(1, 3), cin=st.integers(1, 20), cout=st.integers(1, 40), h=st.integers(3, 12), w=st.integers(3, 12),

@@ -138,16 +138,20 @@ class GatedConv(nn.Module):
         """`(N, G, H, W)` -> `(N, channels, H, W)`: every channel gets its group's gate."""
         return gate.repeat_interleave(channels // self.groups, dim=1)
 
-    def rest_sparse(self, conv: nn.Conv2d, x: Tensor, on: Tensor) -> Tensor:
-        """Remaining channels' contribution, computed only where `on (N, G, H, W)` is True."""
+    def rest_sparse(self, conv: nn.Conv2d, x: Tensor, on: Tensor, base: Tensor) -> Tensor:
+        """`base` plus the remaining channels' contribution, computed only where `on (N, G, H, W)` is True
+        (with one gate group, the kernel adds it into a copy of `base` in its own pass)."""
         cb, cout = self.base_channels, conv.out_channels
+        if self.groups == 1:
+            return sparse_conv2d(x[:, cb:], on[:, 0], conv.weight[:, cb:], None, conv.stride, conv.padding,
+                                 residual=base)
         per = cout // self.groups
         parts = [
             sparse_conv2d(x[:, cb:], on[:, g], conv.weight[g * per : (g + 1) * per, cb:], None, conv.stride,
                           conv.padding)
             for g in range(self.groups)
         ]
-        return parts[0] if self.groups == 1 else torch.cat(parts, dim=1)
+        return base + torch.cat(parts, dim=1)
 
     def rest_dense(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
         """Remaining channels' contribution everywhere (training and the oracle)."""
@@ -163,7 +167,7 @@ def gated_conv_forward(gate: GatedConv, conv: nn.Conv2d, x: Tensor, training: bo
         d = straight_through(torch.sigmoid(alpha * s), (s > 0).to(s.dtype))
         return yp + gate.expand(d, yp.shape[1]) * gate.rest_dense(conv, x), d
     on = s > 0
-    return yp + gate.rest_sparse(conv, x, on), on
+    return gate.rest_sparse(conv, x, on, yp), on
 
 
 class ChannelGatedResNet(nn.Module):

@@ -259,17 +259,21 @@ def _finish(block: nn.Module, out: Tensor) -> Tensor:
     return out if isinstance(block, InvertedResidual) else out.relu_()
 
 
-def sparse_branch(block: nn.Module, x: Tensor, masks: list[Tensor], backend: str | None) -> Tensor:
+def sparse_branch(block: nn.Module, x: Tensor, masks: list[Tensor], backend: str | None,
+                  shortcut: Tensor | None = None) -> Tensor:
     """The residual branch, computed at the pixels of `masks[-1]` (bool `(N, Ho, Wo)`) only.
 
     `masks[k]` (bool) is the pixel set of stage k (`stage_masks`); `x (N, C, H, W)`. Every stage is one
     sparse conv with its eval BatchNorm folded in (`implementations.common.fold.folded`), so the result
-    is exactly 0 outside `masks[-1]` (the last stage has no activation).
+    is exactly 0 outside `masks[-1]` (the last stage has no activation); with `shortcut`, the last conv
+    adds the branch into a copy of it instead (`shortcut + branch` in the conv's own pass).
     """
     h = x
-    for (conv, bn, act), m in zip(branch_stages(block), masks, strict=True):
+    stages = branch_stages(block)
+    for k, ((conv, bn, act), m) in enumerate(zip(stages, masks, strict=True)):
         w, b = folded(conv, bn)
-        h = sparse_conv2d(h, m, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, backend=backend)
+        h = sparse_conv2d(h, m, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, backend=backend,
+                          residual=shortcut if k == len(stages) - 1 else None)
         if act is not None:
             h = act(h)
     return h
@@ -278,11 +282,12 @@ def sparse_branch(block: nn.Module, x: Tensor, masks: list[Tensor], backend: str
 def gated_block_eval(block: nn.Module, x: Tensor, masks: list[Tensor], backend: str | None) -> Tensor:
     """Executing block: branch only at the active pixels, shortcut everywhere; skipped when all off.
 
-    The branch is 0 outside the mask, so `shortcut + branch` is one add, like the dense network's.
+    The branch is 0 outside the mask, so `shortcut + branch` is the last sparse conv adding into a copy of
+    the shortcut (a fresh tensor: the shortcut may be `x`).
     """
     out = block.shortcut(x)
     if bool(masks[-1].any()):
-        out = torch.add(out, sparse_branch(block, x, masks, backend))  # a fresh tensor: the shortcut may be x
+        out = sparse_branch(block, x, masks, backend, shortcut=out)
     return _finish(block, out)
 
 

@@ -184,10 +184,13 @@ def folded_taps(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return cached(conv, (conv.weight, *bn_tensors(bn)), make)
 
 
-def conv_bn_at(x: Tensor, mask: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: str | None) -> Tensor:
-    """`bn(conv(x))` at the `mask (N, H, W)` positions, exactly 0 elsewhere."""
+def conv_bn_at(x: Tensor, mask: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, backend: str | None,
+               residual: Tensor | None = None) -> Tensor:
+    """`bn(conv(x))` at the `mask (N, H, W)` positions, exactly 0 elsewhere; plus `residual` if given
+    (added by the kernel at the active positions of a copy of it)."""
     w, b = folded(conv, bn)
-    return sparse_conv2d(x, mask, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, backend=backend)
+    return sparse_conv2d(x, mask, w, b, conv.stride, conv.padding, conv.dilation, conv.groups, backend=backend,
+                         residual=residual)
 
 
 def dilate(mask: Tensor, kernel: int) -> Tensor:
@@ -197,8 +200,10 @@ def dilate(mask: Tensor, kernel: int) -> Tensor:
     return F.max_pool2d(mask.unsqueeze(1).float(), kernel, stride=1, padding=kernel // 2).squeeze(1) > 0
 
 
-def sparse_residual(block: nn.Module, x: Tensor, active: Tensor, read: Tensor, backend: str | None) -> Tensor:
-    """`block.residual(x)` at the `active (N, H, W)` positions, exactly 0 elsewhere (stride-1 units).
+def sparse_residual(block: nn.Module, x: Tensor, active: Tensor, read: Tensor, backend: str | None,
+                    shortcut: Tensor | None = None) -> Tensor:
+    """`block.residual(x)` at the `active (N, H, W)` positions, exactly 0 elsewhere (stride-1 units); plus
+    `shortcut` if given (the last conv adds into a copy of it: the unit's add in the same pass).
 
     `read = dilate(active, 3)`: where the 3x3 conv's windows read, i.e. where the conv before it runs.
     """
@@ -206,11 +211,11 @@ def sparse_residual(block: nn.Module, x: Tensor, active: Tensor, read: Tensor, b
         raise ValueError("sparse_residual: expects a stride-1 unit with a 3x3 conv2")
     if isinstance(block, BasicBlock):
         r = F.relu_(conv_bn_at(x, read, block.conv1, block.bn1, backend))
-        return conv_bn_at(r, active, block.conv2, block.bn2, backend)
+        return conv_bn_at(r, active, block.conv2, block.bn2, backend, shortcut)
     if isinstance(block, Bottleneck):
         r = F.relu_(conv_bn_at(x, read, block.conv1, block.bn1, backend))
         r = F.relu_(conv_bn_at(r, active, block.conv2, block.bn2, backend))
-        return conv_bn_at(r, active, block.conv3, block.bn3, backend)
+        return conv_bn_at(r, active, block.conv3, block.bn3, backend, shortcut)
     raise TypeError(f"sparse_residual: unsupported block {type(block).__name__}")
 
 
@@ -271,7 +276,7 @@ class SACTResNet(nn.Module):
                 else:  # the residual is exactly 0 at halted positions and x >= 0 (a ReLU output or a
                     # convex mix of them), so relu(x + residual) copies them: no select needed
                     read = dilate(active, 3)
-                    x = sparse_residual(unit, x, active, read, self.cfg.backend).add_(x).relu_()
+                    x = sparse_residual(unit, x, active, read, self.cfg.backend, shortcut=x).relu_()
             last = k == len(units) - 1
             if last:
                 h = x.new_ones(n, hh, ww)

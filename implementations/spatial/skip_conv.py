@@ -171,13 +171,12 @@ class SkipConv2d(nn.Conv2d):
                 gate = norm_gate_score(r, self, self.weight_scale) > self.gate_threshold
             self.gates.append(gate)
             if self.mode == "oracle":
-                zr = self._conv(r) * gate.unsqueeze(1)
-            elif bool(gate.any()):
-                zr = sparse_conv2d(r, gate, self.weight, None, self.stride, self.padding, self.dilation,
-                                   self.groups, backend=sparse_backend(self.backend, r))
+                z = self.z0 + self._conv(r) * gate.unsqueeze(1)
+            elif bool(gate.any()):  # z0 + the conv of r at the open pixels, added by the kernel in its pass
+                z = sparse_conv2d(r, gate, self.weight, None, self.stride, self.padding, self.dilation,
+                                  self.groups, backend=sparse_backend(self.backend, r), residual=self.z0)
             else:
-                zr = None
-            z = self.z0 if zr is None else self.z0 + zr
+                z = self.z0
         self.x0, self.z0 = x, z
         return z
 
