@@ -1,7 +1,8 @@
 """Spatially sparse 2-D convolution: compute only the output positions a mask selects.
 
 ``sparse_conv2d(x, mask, weight, ...)`` equals ``F.conv2d(x, weight, bias, stride, padding, dilation,
-groups)`` where ``mask`` (bool ``(N, Hout, Wout)``) is true and exactly 0 elsewhere (no bias there).
+groups)`` where ``mask`` (bool ``(N, Hout, Wout)``) is true and exactly 0 elsewhere (no bias there);
+``residual=r`` returns ``r`` plus that (a residual block's add, fused into the CPU kernel's pass).
 
 Paths (``kernels._backend``):
 - ``reference`` / ``dense``: the dense conv, then zero outside the mask (counted dense). ``reference`` is
@@ -10,9 +11,10 @@ Paths (``kernels._backend``):
 - ``cpu``: float32 inputs with ``groups=1`` (NCHW or channels_last) run a native direct-conv kernel (``_native.c``, built
   on first use; AVX-512): it reads the mask itself, and per register tile of 6 active pixels x 64
   output channels accumulates over every input channel and tap straight from ``x`` (outputs whose
-  receptive field crosses the border run on zero-padded copies of it), writing the output in the
-  input's layout; no
-  padded copy, no active list and no patch matrix is materialized. Otherwise (no compiler or AVX-512, other dtypes,
+  receptive field crosses the border run only their taps inside the image, grouped by that tap window;
+  a window with few outputs and a large weight runs on zero-padded copies of their receptive fields),
+  writing the output in the input's layout; no padded copy, no active list and no patch matrix is
+  materialized. With ``residual``, it adds into a copy of the residual instead of a zero-filled output. Otherwise (no compiler or AVX-512, other dtypes,
   groups, channels_last) it gathers the ``kh*kw`` receptive field of every active output into a patch matrix, runs one
   GEMM against the weight and scatters the results into a zero output. NCHW inputs (``CPU_ROUTE =
   "nchw"``) gather channel-major columns ``[Cin*kh*kw, n_active]`` from a zero-bordered ``(C, N, H, W)``
