@@ -72,6 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from implementations.common.layout import ChannelsLastInEval
 from implementations.common.resnet import CifarResNet, cifar_resnet
 from implementations.common.train import TrainSettings
 from implementations.spatial.sbnet import Tiles, draw_blocks, interior, pad_nhwc, tile_blocks, topk_blocks
@@ -152,7 +153,7 @@ class ClipState:
         self.grid: Tensor | None = None
 
 
-class BlockCopy(nn.Module):
+class BlockCopy(ChannelsLastInEval):
     """Per-frame CIFAR ResNet with block copying and an RL policy; `forward(clips) -> (logits, info)`."""
 
     def __init__(self, cfg: Config) -> None:
@@ -316,7 +317,7 @@ def information_gain(cam: Tensor, cam_prev: Tensor) -> Tensor:
     return (logq.exp() * (logq - logp)).mean(dim=-1)
 
 
-class Baseline(nn.Module):
+class Baseline(ChannelsLastInEval):
     """Dense per-frame processing of the same clips; parameters under `net.` as in `BlockCopy`."""
 
     def __init__(self, cfg: Config) -> None:

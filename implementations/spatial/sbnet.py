@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from implementations.common.data import sample_photos
+from implementations.common.layout import ChannelsLastInEval
 from implementations.common.resnet import BasicBlock, CifarResNet, cifar_resnet
 from implementations.common.train import TrainSettings
 from kernels.block_conv import expand_block_mask, reduce_mask
@@ -255,7 +256,7 @@ def is_sparse(block: BasicBlock) -> bool:
     return block.downsample is None and block.stride == 1
 
 
-class SBNetResNet(nn.Module):
+class SBNetResNet(ChannelsLastInEval):
     """CIFAR ResNet whose stride-1 residual blocks run on active tiles; `forward(x) -> (logits, info)`."""
 
     def __init__(self, cfg: Config) -> None:
@@ -321,7 +322,7 @@ class SBNetResNet(nn.Module):
         return interior(padded, HALO)
 
 
-class DenseResNet(nn.Module):
+class DenseResNet(ChannelsLastInEval):
     """The same CIFAR ResNet with every block dense; parameters under `net.` as in `SBNetResNet`."""
 
     def __init__(self, cfg: Config) -> None:

@@ -70,6 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from implementations.common.layout import ChannelsLastInEval
 from implementations.common.resnet import cifar_resnet, resnet18
 from implementations.common.train import TrainSettings
 from implementations.common.video import panning_clip
@@ -227,17 +228,13 @@ def _frames(net: nn.Module, clip: Tensor, channels_last: bool) -> tuple[Tensor, 
     return torch.stack(logits, 1), torch.stack(feats, 1)
 
 
-class _NHWCInEval(nn.Module):
-    """Runs in channels_last memory in eval only: the CPU backward of a strided 1x1 conv on
-    channels_last tensors crashes torch 2.13 (segfault), so training uses NCHW."""
+class _NHWCInEval(ChannelsLastInEval):
+    """Runs in channels_last memory in eval only, where `cfg.channels_last` (`ChannelsLastInEval`)."""
 
     cfg: Config
 
-    def train(self, mode: bool = True) -> _NHWCInEval:
-        super().train(mode)
-        if self.cfg.channels_last:
-            self.to(memory_format=torch.contiguous_format if mode else torch.channels_last)
-        return self
+    def eval_channels_last(self) -> bool:
+        return self.cfg.channels_last
 
     @property
     def nhwc(self) -> bool:
