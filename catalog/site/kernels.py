@@ -29,10 +29,12 @@ class Kernel:
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("sparse_conv2d", "sparse_conv2d", "kernels/sparse_conv.py", ("sparse_conv2d",), "conv",
-           "`sparse_conv2d(x, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)`: "
-           "`mask` is bool `(N, Hout, Wout)` over output positions; the result equals "
+           "`sparse_conv2d(x, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, "
+           "residual=None)`: `mask` is bool `(N, Hout, Wout)` over output positions; the result equals "
            "`F.conv2d(x, weight, bias, stride, padding, dilation, groups)` where `mask` is true and 0 "
-           "elsewhere. Executed MACs: active positions x Cout x Cin/groups x kh x kw."),
+           "elsewhere, plus `residual` (same shape as the output, not modified) when given: a residual "
+           "block's add, which the CPU kernel does in its own pass by accumulating into a copy of "
+           "`residual`. Executed MACs: active positions x Cout x Cin/groups x kh x kw."),
     Kernel("block_conv2d", "block_conv2d", "kernels/block_conv.py", ("block_conv2d",), "conv",
            "`block_conv2d(x, block_mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, "
            "block_size=8)`: `block_mask` is bool `(N, ceil(Hout/B), ceil(Wout/B))`; the result equals the "
