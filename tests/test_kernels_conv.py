@@ -545,6 +545,10 @@ INTERPRETER_SCRIPT = textwrap.dedent(
         out = sparse_conv2d(x, mask, weight, bias, **conv, backend="triton")
         torch.testing.assert_close(out, ref * mask[:, None], rtol=1e-4, atol=1e-4)
         assert out.is_contiguous(memory_format=torch.channels_last)
+        residual = torch.randn_like(ref)
+        out = sparse_conv2d(x, mask, weight, bias, **conv, backend="triton", residual=residual)
+        torch.testing.assert_close(out, residual + ref * mask[:, None], rtol=1e-4, atol=1e-4)
+        assert out.is_contiguous(memory_format=torch.channels_last)
         block_mask = torch.rand(n, -(-ho // bs), -(-wo // bs)) < 0.5
         out = block_conv2d(x.contiguous(), block_mask, weight, None, **conv, block_size=bs, backend="triton")
         want = F.conv2d(x, weight, None, **conv) * expand_block_mask(block_mask, ho, wo, bs)[:, None]
