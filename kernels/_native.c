@@ -332,6 +332,14 @@ static void tap_range(int64_t i0, int64_t k, int64_t d, int64_t size, int64_t *l
     *hi = b;
 }
 
+/* The valid taps [yl, yh) x [xl, xh) encoded in a window key ((yl (kh+1) + yh) (kw+1)^2 + xl (kw+1) + xh). */
+static void tap_window(int64_t key, int64_t kh, int64_t kw, int64_t *yl, int64_t *yh, int64_t *xl, int64_t *xh) {
+    *xh = key % (kw + 1);
+    *xl = key / (kw + 1) % (kw + 1);
+    *yh = key / ((kw + 1) * (kw + 1)) % (kh + 1);
+    *yl = key / ((kw + 1) * (kw + 1) * (kh + 1));
+}
+
 /* The work items of several weight applications (contexts) as one range: items of context i are
  * [first[i], first[i + 1]). */
 typedef struct {
@@ -404,16 +412,17 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
     /* Route per key: a context of its own (ctx_of >= 0), or the patches (-1). With both interior and
      * border outputs, when the interior outputs are fewer than the output channels, every output takes
      * the patch route: copying their receptive fields (n x C x T floats) costs less than passes over the
-     * weight (Co x C x T) per window. */
+     * weight (Co x C x T) per window. Outputs that read only zero padding (no valid tap) take patches
+     * too, so a context's base always points at an input inside x. */
     const int all_patches = count[full] < n && count[full] < Co;
     int64_t nctx = 0, nb = 0, ntaps = 0;
     for (int64_t key = 0; key < K; key++) {
         ctx_of[key] = -1;
         if (count[key] == 0) continue;
-        const int64_t xh = key % (kw + 1), xl = key / (kw + 1) % (kw + 1);
-        const int64_t yh = key / ((kw + 1) * (kw + 1)) % (kh + 1), yl = key / ((kw + 1) * (kw + 1) * (kh + 1));
+        int64_t yl, yh, xl, xh;
+        tap_window(key, kh, kw, &yl, &yh, &xl, &xh);
         const int64_t valid = (yh - yl) * (xh - xl);
-        if (!all_patches && (key == full || count[key] * T * PATCH_COST >= valid * Co)) {
+        if (!all_patches && valid > 0 && (key == full || count[key] * T * PATCH_COST >= valid * Co)) {
             ctx_of[key] = nctx++;
             ntaps += valid;
         } else {
@@ -438,8 +447,8 @@ int sparse_conv_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, 
     int64_t at = 0, used = 0;
     for (int64_t key = 0; key < K; key++) {
         if (ctx_of[key] < 0) continue;
-        const int64_t xh = key % (kw + 1), xl = key / (kw + 1) % (kw + 1);
-        const int64_t yh = key / ((kw + 1) * (kw + 1)) % (kh + 1), yl = key / ((kw + 1) * (kw + 1) * (kh + 1));
+        int64_t yl, yh, xl, xh;
+        tap_window(key, kh, kw, &yl, &yh, &xl, &xh);
         const conv_ctx_t k = {x, wt, bias, base + at, dest + at, taps + used, tw + used, count[key],
                               (yh - yl) * (xh - xl), C, T, cstride, Co, co16, ostride, out, accumulate};
         for (int64_t ky = yl; ky < yh; ky++)

@@ -14,9 +14,10 @@ Paths (``kernels._backend``):
   receptive field crosses the border run only their taps inside the image, grouped by that tap window;
   a window with few outputs and a large weight runs on zero-padded copies of their receptive fields),
   writing the output in the input's layout; no padded copy, no active list and no patch matrix is
-  materialized. With ``residual``, it adds into a copy of the residual instead of a zero-filled output. Otherwise (no compiler or AVX-512, other dtypes,
-  groups, channels_last) it gathers the ``kh*kw`` receptive field of every active output into a patch matrix, runs one
-  GEMM against the weight and scatters the results into a zero output. NCHW inputs (``CPU_ROUTE =
+  materialized. With ``residual``, it adds into a copy of the residual instead of a zero-filled output.
+  Otherwise (no compiler or AVX-512, other dtypes, groups) it gathers the ``kh*kw`` receptive field of
+  every active output into a patch matrix, runs one GEMM against the weight and scatters the results into
+  a zero output. NCHW inputs (``CPU_ROUTE =
   "nchw"``) gather channel-major columns ``[Cin*kh*kw, n_active]`` from a zero-bordered ``(C, N, H, W)``
   copy, so neither the input nor the output is transposed; channels_last inputs gather NHWC rows
   ``[n_active, kh*kw*Cin]``. Groups use a batched GEMM (NCHW) or ``F.conv2d`` on the patches (NHWC).

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from implementations.common import data, gates, losses, train
+from implementations.common.layout import ChannelsLastInEval
 
 # ---------------------------------------------------------------- gates
 
@@ -245,3 +246,26 @@ def test_train_log_hook_appends_one_line_per_run(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(lines) == 1 and "namespace" in lines[0]["module"]
     assert 0.0 < lines[0]["executed_mac_fraction"] <= 1.0 and lines[0]["epochs"] == 1
+
+
+class _Convs(ChannelsLastInEval):
+    def __init__(self, switch: bool = True) -> None:
+        super().__init__()
+        self.switch = switch
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def eval_channels_last(self) -> bool:
+        return self.switch
+
+
+def test_channels_last_in_eval_switches_the_weights_layout_and_keeps_the_parameters():
+    model = _Convs()
+    param = model.conv.weight
+    model.eval()
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv.weight.is_contiguous()
+    model.train()
+    assert model.conv.weight.is_contiguous()
+    assert model.conv.weight is param  # the same Parameter object: an optimizer built before keeps it
+    off = _Convs(switch=False).eval()
+    assert off.conv.weight.is_contiguous()
