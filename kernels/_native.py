@@ -119,7 +119,10 @@ def lib() -> ctypes.CDLL | None:
 
 def usable(*tensors: Tensor) -> bool:
     """True when the fused kernel serves these tensors: float32 on the CPU, library built for AVX-512."""
-    if not enabled() or not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+    for t in tensors:  # (a loop of cheap attribute reads: this runs on every sparse conv call)
+        if t.dtype != torch.float32 or not t.is_cpu:
+            return False
+    if not enabled():
         return False
     built = _STATE.get("avx512")  # asked once: a ctypes call costs microseconds on every sparse conv
     if built is None:

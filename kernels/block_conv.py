@@ -167,34 +167,38 @@ def _block_dest_table(g: ConvGeometry, block_size: int, device: torch.device) ->
     return dest.reshape(g.batch * hb * wb, block_size * block_size)
 
 
-def _cpu_block_route(x: Tensor, weight: Tensor, groups: int) -> str:
+def _cpu_block_route(x: Tensor, weight: Tensor, groups: int, fused: bool | None = None) -> str:
     """The CPU route that runs: ``CPU_ROUTE``; ``auto``: im2col where sparse_conv2d's fused kernel serves
-    it (any layout), else windows for channels_last and im2col for NCHW."""
+    it (any layout), else windows for channels_last and im2col for NCHW. ``fused``: ``fused_applies``
+    where the caller has it already."""
     if CPU_ROUTE != "auto":
         return CPU_ROUTE
-    if fused_applies(x, weight, groups):
+    if fused_applies(x, weight, groups) if fused is None else fused:
         return "im2col"
     return "windows" if output_format(x) == torch.channels_last else "im2col"
 
 
-def block_break_even(x: Tensor, weight: Tensor, groups: int) -> float:
+def block_break_even(x: Tensor, weight: Tensor, groups: int, fused: bool | None = None) -> float:
     """``auto``'s break-even density for these arguments: the fused kernel's where the im2col route
     runs it, else the per-device value of ``BLOCK_CONV2D_BREAK_EVEN``."""
-    if x.device.type == "cpu" and _cpu_block_route(x, weight, groups) == "im2col":
-        return cpu_break_even(x, weight, groups, BLOCK_CONV2D_BREAK_EVEN)
+    if x.is_cpu and _cpu_block_route(x, weight, groups, fused) == "im2col":
+        return cpu_break_even(x, weight, groups, BLOCK_CONV2D_BREAK_EVEN, fused)
     return BLOCK_CONV2D_BREAK_EVEN.get(x.device.type, 1.0)
 
 
 def _cpu_block_conv(
-    x: Tensor, block_mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, block_size: int
+    x: Tensor, block_mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, block_size: int,
+    fused: bool | None = None,
 ) -> Tensor:
-    if _cpu_block_route(x, weight, g.groups) == "im2col":
-        if fused_applies(x, weight, g.groups):
+    if fused is None:
+        fused = fused_applies(x, weight, g.groups)
+    if _cpu_block_route(x, weight, g.groups, fused) == "im2col":
+        if fused:
             out = fused_route(x, block_mask, weight, bias, g, block_size)
             if out is not None:
                 return out
         pixels = expand_block_mask(block_mask, g.out_height, g.out_width, block_size)
-        return cpu_sparse_conv(x, pixels, weight, bias, g)
+        return cpu_sparse_conv(x, pixels, weight, bias, g, fused)
     return _cpu_block_conv_windows(x, block_mask, weight, bias, g, block_size)
 
 
@@ -235,12 +239,14 @@ def _dense_block_masked(
 
 
 def _block_conv2d_impl(
-    x: Tensor, block_mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, block_size: int, path: str
+    x: Tensor, block_mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, block_size: int, path: str,
+    fused: bool | None = None,
 ) -> Tensor:
+    """The op's body; ``fused``: ``fused_applies(x, weight, g.groups)`` where the wrapper has it already."""
     if path in ("reference", "dense"):
         return _dense_block_masked(x, block_mask, weight, bias, g, block_size, exact=path == "reference")
     if path == "cpu":
-        return _cpu_block_conv(x, block_mask, weight, bias, g, block_size)
+        return _cpu_block_conv(x, block_mask, weight, bias, g, block_size, fused)
     if path == "triton":
         from kernels._triton_conv import block_conv2d_triton  # noqa: PLC0415 - Triton only when used
 
@@ -331,16 +337,17 @@ def block_conv2d(
     check_bool_mask("block_mask", block_mask, (g.batch, hb, wb), f"the conv output in {block_size}x{block_size} blocks")
     if block_mask.device != x.device:
         check_device("block_mask", block_mask, x.device)
-    auto = _backend.requested(backend) == "auto"  # only auto's dense fallback needs the break-even
-    break_even = block_break_even(x, weight, g.groups) if auto else 1.0
+    name = _backend.requested(backend)  # read once (the environment variable costs a microsecond a read)
+    fused = fused_applies(x, weight, g.groups)
+    break_even = block_break_even(x, weight, g.groups, fused) if name == "auto" else 1.0
 
     def executed() -> float:  # fraction of output positions inside active blocks (clipped)
         positions = block_positions(block_mask, g.out_height, g.out_width, block_size).sum()
         return float(positions) / (g.batch * g.out_height * g.out_width)
 
-    path = _backend.resolve(backend, x.device, auto_density(backend, break_even, executed), break_even)
+    path = _backend.resolve(name, x.device, auto_density(name, break_even, executed), break_even)
     if dispatch_free(x, block_mask, weight, bias):
-        return _block_conv2d_impl(x, block_mask, weight, bias, g, block_size, path)
+        return _block_conv2d_impl(x, block_mask, weight, bias, g, block_size, path, fused)
     return torch.ops.dynnet.block_conv2d(
         x, block_mask, weight, bias, list(g.stride), list(g.padding), list(g.dilation), g.groups, block_size, path
     )

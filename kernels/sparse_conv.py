@@ -299,12 +299,13 @@ def packed_weight(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor |
 
 def fused_applies(x: Tensor, weight: Tensor, groups: int) -> bool:
     """Whether the cpu path of these arguments is the fused native kernel (float32, groups=1, NCHW or NHWC)."""
-    return CPU_ROUTE == "fused" and groups == 1 and x.device.type == "cpu" and _native.usable(x, weight)
+    return CPU_ROUTE == "fused" and groups == 1 and _native.usable(x, weight)  # (usable: float32 on the CPU)
 
 
-def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, float]) -> float:
-    """``auto``'s break-even density for these arguments: the fused kernel's, or the op's per device."""
-    if fused_applies(x, weight, groups):  # (CPU only)
+def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, float], fused: bool | None = None) -> float:
+    """``auto``'s break-even density for these arguments: the fused kernel's, or the op's per device.
+    ``fused``: ``fused_applies(x, weight, groups)`` where the caller has it already."""
+    if fused_applies(x, weight, groups) if fused is None else fused:  # (CPU only)
         return FUSED_BREAK_EVEN
     return table.get(x.device.type, 1.0)
 
@@ -432,11 +433,12 @@ def _nchw_route(
     return out.view(g.batch, g.out_channels, g.out_height, g.out_width)
 
 
-def cpu_sparse_conv(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry) -> Tensor:
+def cpu_sparse_conv(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry,
+                    fused: bool | None = None) -> Tensor:
     """The cpu path: the fused native kernel where it applies, else gather the active outputs' receptive
-    fields, one GEMM, scatter into a zero output."""
+    fields, one GEMM, scatter into a zero output. ``fused``: ``fused_applies`` if the caller has it."""
     fmt = output_format(x)
-    if fused_applies(x, weight, g.groups):
+    if fused_applies(x, weight, g.groups) if fused is None else fused:
         out = fused_route(x, mask, weight, bias, g)
         if out is not None:
             return out
@@ -492,19 +494,22 @@ def _geometry(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequenc
 
 def _sparse_conv2d_impl(
     x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry, path: str,
-    residual: Tensor | None = None,
+    residual: Tensor | None = None, fused: bool | None = None,
 ) -> Tensor:
+    """The op's body; ``fused``: ``fused_applies(x, weight, g.groups)`` where the wrapper has it already."""
+    if path == "cpu" and fused is None:
+        fused = fused_applies(x, weight, g.groups)
     if residual is not None:
-        if path == "cpu" and fused_applies(x, weight, g.groups):
+        if path == "cpu" and fused:
             out = fused_route(x, mask, weight, bias, g, residual=residual)
             if out is not None:
                 return out
-        out = _sparse_conv2d_impl(x, mask, weight, bias, g, path)
+        out = _sparse_conv2d_impl(x, mask, weight, bias, g, path, fused=fused)
         return torch.add(out, residual).contiguous(memory_format=output_format(x))
     if path in ("reference", "dense"):
         return _dense_masked(x, mask, weight, bias, g, exact=path == "reference")
     if path == "cpu":
-        return cpu_sparse_conv(x, mask, weight, bias, g)
+        return cpu_sparse_conv(x, mask, weight, bias, g, fused)
     if path == "triton":
         from kernels._triton_conv import sparse_conv2d_triton  # noqa: PLC0415 - Triton only when used
 
@@ -605,12 +610,13 @@ def sparse_conv2d(
         check_device("mask", mask, x.device)
     if residual is not None:
         check_residual(residual, x, g)
-    auto = _backend.requested(backend) == "auto"  # only auto's dense fallback needs the break-even
-    break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN) if auto else 1.0
-    density = auto_density(backend, break_even, lambda: float(mask.sum()) / max(1, mask.numel()))
-    path = _backend.resolve(backend, x.device, density, break_even)
+    name = _backend.requested(backend)  # read once (the environment variable costs a microsecond a read)
+    fused = fused_applies(x, weight, g.groups)
+    break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN, fused) if name == "auto" else 1.0
+    density = auto_density(name, break_even, lambda: float(mask.sum()) / max(1, mask.numel()))
+    path = _backend.resolve(name, x.device, density, break_even)
     if dispatch_free(x, mask, weight, bias, residual):
-        return _sparse_conv2d_impl(x, mask, weight, bias, g, path, residual)
+        return _sparse_conv2d_impl(x, mask, weight, bias, g, path, residual, fused)
     return torch.ops.dynnet.sparse_conv2d(
         x, mask, weight, bias, list(g.stride), list(g.padding), list(g.dilation), g.groups, path, residual
     )
