@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from kernels import _backend
+from kernels import _backend, _plans, sparse_conv
 from kernels._backend import dispatch_free
 from kernels._checks import check_bool_mask, check_device, check_int, check_tensor
 from kernels.sparse_conv import (
     ConvGeometry,
     _geometry,
-    auto_density,
     check_conv_args,
     conv2d_macs,
     cpu_break_even,
@@ -49,6 +48,7 @@ from kernels.sparse_conv import (
     output_format,
     padded_extent,
     padded_nhwc,
+    planned_path,
     scratch,
     zero_outside,
 )
@@ -331,23 +331,40 @@ def block_conv2d(
     ``(Cout, Cin/groups, kh, kw)``; bias ``(Cout,)`` or None. Returns ``(N, Cout, Hout, Wout)``
     (channels_last if ``x`` is). ``backend``: reference | cpu | triton | auto.
     """
-    g = check_conv_args(x, weight, bias, stride, padding, dilation, groups)
-    check_int("block_size", block_size, minimum=1)
-    hb, wb = block_grid(g.out_height, g.out_width, block_size)
-    check_bool_mask("block_mask", block_mask, (g.batch, hb, wb), f"the conv output in {block_size}x{block_size} blocks")
-    if block_mask.device != x.device:
-        check_device("block_mask", block_mask, x.device)
-    name = _backend.requested(backend)  # read once (the environment variable costs a microsecond a read)
-    fused = fused_applies(x, weight, g.groups)
-    break_even = block_break_even(x, weight, g.groups, fused) if name == "auto" else 1.0
-
-    def executed() -> float:  # fraction of output positions inside active blocks (clipped)
+    key = _plans.signature(
+        (x, block_mask, weight, bias, stride, padding, dilation, groups, block_size, backend),
+        (CPU_ROUTE, sparse_conv.CPU_ROUTE, sparse_conv.FUSED_BREAK_EVEN, tuple(BLOCK_CONV2D_BREAK_EVEN.items()),
+         output_format(x) if isinstance(x, Tensor) else None),  # (the route outside the fused kernel: layout)
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.store(key, _block_plan(x, block_mask, weight, bias, stride, padding, dilation, groups,
+                                             block_size, backend))
+    g, fused, name, break_even, path = plan
+    if path is None:  # auto's dense fallback: a function of the executed fraction of this mask
         positions = block_positions(block_mask, g.out_height, g.out_width, block_size).sum()
-        return float(positions) / (g.batch * g.out_height * g.out_width)
-
-    path = _backend.resolve(name, x.device, auto_density(name, break_even, executed), break_even)
+        path = _backend.resolve(name, x.device, float(positions) / (g.batch * g.out_height * g.out_width), break_even)
     if dispatch_free(x, block_mask, weight, bias):
         return _block_conv2d_impl(x, block_mask, weight, bias, g, block_size, path, fused)
     return torch.ops.dynnet.block_conv2d(
         x, block_mask, weight, bias, list(g.stride), list(g.padding), list(g.dilation), g.groups, block_size, path
     )
+
+
+def _block_plan(x: object, block_mask: object, weight: object, bias: object, stride: object, padding: object,
+                dilation: object, groups: object, block_size: object, backend: str | None) -> tuple:
+    """Validate a ``block_conv2d`` call (errors name the argument) and choose its path:
+    ``(geometry, fused, backend name, break-even, path)``; path None where ``auto``'s dense fallback
+    depends on the mask. A pure function of the call's signature (``kernels._plans``)."""
+    g = check_conv_args(x, weight, bias, stride, padding, dilation, groups)
+    assert isinstance(x, Tensor) and isinstance(weight, Tensor)
+    block_size = check_int("block_size", block_size, minimum=1)
+    hb, wb = block_grid(g.out_height, g.out_width, block_size)
+    check_bool_mask("block_mask", block_mask, (g.batch, hb, wb), f"the conv output in {block_size}x{block_size} blocks")
+    assert isinstance(block_mask, Tensor)
+    if block_mask.device != x.device:
+        check_device("block_mask", block_mask, x.device)
+    name = _backend.requested(backend)
+    fused = fused_applies(x, weight, g.groups)
+    break_even = block_break_even(x, weight, g.groups, fused) if name == "auto" else 1.0
+    return g, fused, name, break_even, planned_path(name, x.device, break_even)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from kernels import _backend, _native
+from kernels import _backend, _native, _plans
 from kernels._backend import dispatch_free
 from kernels._checks import (
     FLOAT_DTYPES,
@@ -604,19 +604,43 @@ def sparse_conv2d(
     the fused CPU kernel computes by adding the conv into a copy of ``residual`` at the active outputs
     (a residual block's add without a zero-filled output and a separate pass over it).
     """
-    g = check_conv_args(x, weight, bias, stride, padding, dilation, groups)
-    check_bool_mask("mask", mask, (g.batch, g.out_height, g.out_width), "the conv output")
-    if mask.device != x.device:
-        check_device("mask", mask, x.device)
-    if residual is not None:
-        check_residual(residual, x, g)
-    name = _backend.requested(backend)  # read once (the environment variable costs a microsecond a read)
-    fused = fused_applies(x, weight, g.groups)
-    break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN, fused) if name == "auto" else 1.0
-    density = auto_density(name, break_even, lambda: float(mask.sum()) / max(1, mask.numel()))
-    path = _backend.resolve(name, x.device, density, break_even)
+    key = _plans.signature((x, mask, weight, bias, residual, stride, padding, dilation, groups, backend),
+                           (CPU_ROUTE, FUSED_BREAK_EVEN, tuple(SPARSE_CONV2D_BREAK_EVEN.items())))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.store(key, _sparse_plan(x, mask, weight, bias, residual, stride, padding, dilation, groups,
+                                              backend))
+    g, fused, name, break_even, path = plan
+    if path is None:  # auto's dense fallback: a function of this mask's density
+        path = _backend.resolve(name, x.device, float(mask.sum()) / max(1, mask.numel()), break_even)
     if dispatch_free(x, mask, weight, bias, residual):
         return _sparse_conv2d_impl(x, mask, weight, bias, g, path, residual, fused)
     return torch.ops.dynnet.sparse_conv2d(
         x, mask, weight, bias, list(g.stride), list(g.padding), list(g.dilation), g.groups, path, residual
     )
+
+
+def _sparse_plan(x: object, mask: object, weight: object, bias: object, residual: object, stride: object,
+                 padding: object, dilation: object, groups: object, backend: str | None) -> tuple:
+    """Validate a ``sparse_conv2d`` call (errors name the argument) and choose its path:
+    ``(geometry, fused, backend name, break-even, path)``; path None where ``auto``'s dense fallback
+    depends on the mask's density. A pure function of the call's signature (``kernels._plans``)."""
+    g = check_conv_args(x, weight, bias, stride, padding, dilation, groups)
+    assert isinstance(x, Tensor) and isinstance(weight, Tensor)
+    check_bool_mask("mask", mask, (g.batch, g.out_height, g.out_width), "the conv output")
+    assert isinstance(mask, Tensor)
+    if mask.device != x.device:
+        check_device("mask", mask, x.device)
+    if residual is not None:
+        check_residual(residual, x, g)
+    name = _backend.requested(backend)
+    fused = fused_applies(x, weight, g.groups)
+    break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN, fused) if name == "auto" else 1.0
+    return g, fused, name, break_even, planned_path(name, x.device, break_even)
+
+
+def planned_path(name: str, device: torch.device, break_even: float) -> str | None:
+    """The path of a plan: fixed unless ``auto`` must compare the density with ``0 < break_even < 1``."""
+    if name == "auto" and 0.0 < break_even < 1.0:
+        return None
+    return _backend.resolve(name, device, auto_density(name, break_even, lambda: 0.0), break_even)

@@ -459,6 +459,48 @@ def test_auto_falls_back_to_dense_above_break_even(op: str, monkeypatch: pytest.
     torch.testing.assert_close(run(), ref * pixels.unsqueeze(1), rtol=1e-5, atol=1e-5)
 
 
+def test_plans_skip_no_check_and_follow_every_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored plan (``kernels._plans``) serves only calls of the same signature: a call that differs in
+    a dtype, a shape, a bool parameter, the environment or a module setting is checked and routed anew."""
+    from kernels import _plans  # noqa: PLC0415
+
+    monkeypatch.delenv("DYNNET_KERNEL_BACKEND", raising=False)
+    x, weight, bias, conv = make_case("3x3_odd", dtype=torch.float32)
+    mask = random_mask((2, 9, 7), 0.5)
+    ref = dense(x, weight, bias, conv) * mask.unsqueeze(1)
+    sparse_macs, dense_macs = sparse_conv2d_macs(mask, weight.shape), conv2d_macs(2, 9, 7, weight.shape)
+    for _ in range(2):  # the second call runs on the stored plan
+        assert executed_macs(lambda: sparse_conv2d(x, mask, weight, bias, **conv))[0] == sparse_macs
+    assert _plans.signature((x, mask, weight, bias, None, 1, 1, 1, 1, None)) is not None
+    with pytest.raises(TypeError, match="mask: expected dtype bool"):
+        sparse_conv2d(x, mask.float(), weight, bias, **conv)
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        sparse_conv2d(x, mask[:1], weight, bias, **conv)
+    bad = {**conv, "groups": True}
+    assert _plans.signature((x, mask, weight, bias, None, *bad.values(), None)) is None  # never planned
+    with pytest.raises(TypeError, match="groups: expected an int"):
+        sparse_conv2d(x, mask, weight, bias, **bad)
+    monkeypatch.setenv("DYNNET_KERNEL_BACKEND", "reference")  # the environment is part of the key
+    assert executed_macs(lambda: sparse_conv2d(x, mask, weight, bias, **conv))[0] == dense_macs
+    monkeypatch.delenv("DYNNET_KERNEL_BACKEND")
+    monkeypatch.setattr(sparse_mod, "FUSED_BREAK_EVEN", 0.0)  # a module setting too: auto now runs dense
+    monkeypatch.setitem(sparse_mod.SPARSE_CONV2D_BREAK_EVEN, "cpu", 0.0)
+    assert executed_macs(lambda: sparse_conv2d(x, mask, weight, bias, **conv))[0] == dense_macs
+    torch.testing.assert_close(sparse_conv2d(x, mask, weight, bias, **conv), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels import _plans  # noqa: PLC0415
+
+    monkeypatch.setattr(_plans, "SIZE", 3)
+    monkeypatch.setattr(_plans, "_PLANS", {})
+    weight = torch.randn(2, 2, 3, 3)
+    for size in range(5, 10):
+        x = torch.randn(1, 2, size, size)
+        sparse_conv2d(x, torch.ones(1, size, size, dtype=torch.bool), weight, padding=1)
+        assert 1 <= len(_plans._PLANS) <= 3
+
+
 def test_break_even_constants_are_fractions() -> None:
     for table in (sparse_mod.SPARSE_CONV2D_BREAK_EVEN, block_mod.BLOCK_CONV2D_BREAK_EVEN):
         assert set(table) == {"cpu", "cuda"}
