@@ -73,9 +73,10 @@ def dispatch_free(*tensors: torch.Tensor | None) -> bool:
     wrappers then skip the custom-op dispatch, which costs tens of microseconds per call (it dominates
     small GPU calls and small CPU layers).
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if torch._C._len_torch_dispatch_stack() > 0 or torch.compiler.is_compiling():
         return False
-    present = [t for t in tensors if t is not None]
-    if any(type(t) not in _PLAIN for t in present):  # subclasses (fake, functional, ...) need dispatch
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # one plain loop: this runs on every op call
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False  # subclasses (fake, functional, ...) need dispatch; so does a gradient to record
+    return True

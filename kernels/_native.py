@@ -134,6 +134,7 @@ def usable(*tensors: Tensor) -> bool:
 def sparse_conv(x: Tensor, mask: Tensor, g, wt: Tensor, bias: Tensor | None, out: Tensor, nhwc: bool = False,
                 block_size: int = 0, accumulate: bool = False) -> bool:
     """Fused direct conv at the outputs where ``mask`` is true, 0 elsewhere; False where not built for it.
+    Call it once ``usable`` (or ``lib``) has found the library.
 
     x ``(N, Cin, H, W)`` and out ``(N, Cout, Hout, Wout)`` both contiguous, or both channels_last when
     ``nhwc``; mask bool ``(N, Hout, Wout)`` contiguous, or with ``block_size > 0`` a block mask
@@ -144,7 +145,7 @@ def sparse_conv(x: Tensor, mask: Tensor, g, wt: Tensor, bias: Tensor | None, out
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = g.kernel, g.stride, g.padding, g.dilation
     co16 = wt.numel() // (g.in_channels * kh * kw)
     macs = g.batch * g.out_height * g.out_width * wt.numel()  # an upper bound (every output active): threads
-    done = lib().sparse_conv_f32(
+    done = _STATE["lib"].sparse_conv_f32(  # (lib() reads the environment on every call)
         x.data_ptr(), g.batch, g.in_channels, g.height, g.width, mask.data_ptr(), g.out_height, g.out_width,
         kh, kw, sh, sw, ph, pw, dh, dw, wt.data_ptr(), g.out_channels, co16,
         None if bias is None else bias.data_ptr(), out.data_ptr(), int(nhwc), block_size, int(accumulate),
@@ -154,6 +155,7 @@ def sparse_conv(x: Tensor, mask: Tensor, g, wt: Tensor, bias: Tensor | None, out
 
 def routed_linear(x: Tensor, route: Tensor, wt: Tensor, bias: Tensor | None, out: Tensor) -> bool:
     """``out[t] = x[t] @ wt[route[t]] (+ bias[route[t]])`` by the native kernel; False where not built.
+    Call it once ``usable`` (or ``lib``) has found the library.
 
     x ``(T, Cin)`` contiguous; route ``(T,)`` int64; wt ``(E, Cin*Cout16)`` (``pack_routed``); bias
     ``(E, Cout16)`` or None; out ``(T, Cout)``, every row written. A route value outside ``[0, E)``
@@ -162,7 +164,7 @@ def routed_linear(x: Tensor, route: Tensor, wt: Tensor, bias: Tensor | None, out
     tokens, cin = x.shape
     co16 = wt.shape[1] // cin
     macs = tokens * cin * co16
-    done = lib().routed_linear_f32(
+    done = _STATE["lib"].routed_linear_f32(  # (lib() reads the environment on every call)
         x.data_ptr(), tokens, cin, route.data_ptr(), wt.shape[0], wt.data_ptr(),
         None if bias is None else bias.data_ptr(), out.shape[1], co16, out.data_ptr(),
         1 if macs < PARALLEL_MACS else max(1, torch.get_num_threads()))
@@ -212,20 +214,21 @@ def packed(weight: Tensor, bias: Tensor | None,
             return pack(weight.detach(), None if bias is None else bias.detach())
     key = (pack, weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype,
            None if bias is None else (bias.data_ptr(), bias._version, bias.stride()))
-    hit = _PACKED.items.pop(key, None)
+    items = _PACKED.items
+    hit = items.get(key)
     if hit is not None:
         w_ref, b_ref = hit[2]
-        if w_ref() is not _anchor(weight) or (bias is not None and b_ref() is not _anchor(bias)):
-            hit = None
-    if hit is None:
-        with torch.no_grad():
-            wt, bt = pack(weight.detach(), None if bias is None else bias.detach())
-        owners = (_anchor(weight), _anchor(bias))
-        hit = (wt, bt, tuple(weakref.ref(o) if o is not None else None for o in owners))
-    _PACKED.items[key] = hit
-    while len(_PACKED.items) > _PACKED.size:
-        _PACKED.items.popitem(last=False)
-    return hit[0], hit[1]
+        if w_ref() is _anchor(weight) and (bias is None or b_ref() is _anchor(bias)):
+            items.move_to_end(key)  # most recently used
+            return hit[0], hit[1]
+    with torch.no_grad():
+        wt, bt = pack(weight.detach(), None if bias is None else bias.detach())
+    owners = (_anchor(weight), _anchor(bias))
+    items[key] = (wt, bt, tuple(weakref.ref(o) if o is not None else None for o in owners))
+    items.move_to_end(key)
+    while len(items) > _PACKED.size:
+        items.popitem(last=False)
+    return wt, bt
 
 
 # Output channels per register tile (16 * TILE_VECTORS in _native.c): the packed weights' column block.
