@@ -180,6 +180,24 @@ def test_sorted_fast_path_macs_and_gradients():
     assert torch.autograd.gradcheck(lambda x, w, b: routed_linear(x, route, w, b, backend="cpu"), inputs)
 
 
+def test_large_groups_take_one_gemm_per_expert(monkeypatch):
+    """From ``MKL_ROWS`` rows per used expert (fewer when sorted) the cpu path runs one ``mm`` per expert
+    instead of the native kernel; both give the oracle's result."""
+    assert routed.prefer_mkl(256, True) and not routed.prefer_mkl(255, True)
+    assert routed.prefer_mkl(512, False) and not routed.prefer_mkl(511, False)
+    monkeypatch.setitem(routed.MKL_ROWS, "sorted", 16)
+    monkeypatch.setitem(routed.MKL_ROWS, "unsorted", 32)
+    calls = []
+    real = routed._native.routed_linear
+    monkeypatch.setattr(routed._native, "routed_linear", lambda *a: calls.append(1) or real(*a))
+    x, w, b = make(60, 5, 7, 4, dtype=torch.float32)
+    route = torch.arange(60) % 3  # experts 0-2 used, 20 rows each; expert 3 empty
+    for r, native in ((route.sort().values, False), (route, routed._native.usable(x, w))):
+        calls.clear()
+        torch.testing.assert_close(routed_linear(x, r, w, b, backend="cpu"), loop_oracle(x, r, w, b))
+        assert bool(calls) == native
+
+
 def test_is_sorted_and_inverse_permutation():
     assert routed.is_sorted(torch.tensor([], dtype=torch.long)) and routed.is_sorted(torch.tensor([3]))
     assert routed.is_sorted(torch.tensor([0, 0, 2, 2, 7])) and not routed.is_sorted(torch.tensor([0, 2, 1]))
