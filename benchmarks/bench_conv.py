@@ -46,6 +46,8 @@ from kernels.block_conv import (
 )
 from kernels.sparse_conv import (
     FUSED_BREAK_EVEN,
+    FUSED_LARGE_BREAK_EVEN,
+    FUSED_LARGE_MACS,
     SPARSE_CONV2D_BREAK_EVEN,
     conv2d_macs,
     cpu_break_even,
@@ -99,7 +101,8 @@ def bench_row(
         mask = make_mask(kind, (batch, size, size), density, gen).to(device)
         executed = float(mask.float().mean())
         macs = sparse_conv2d_macs(mask, weight.shape)
-        break_even = cpu_break_even(x, weight, 1, SPARSE_CONV2D_BREAK_EVEN)  # the value auto uses here
+        dense_macs = conv2d_macs(batch, size, size, weight.shape)
+        break_even = cpu_break_even(x, weight, 1, SPARSE_CONV2D_BREAK_EVEN, dense_macs=dense_macs)  # auto's value
 
         def run(backend: str) -> torch.Tensor:
             return sparse_conv2d(x, mask, weight, bias, padding=1, backend=backend)
@@ -108,7 +111,7 @@ def bench_row(
         mask = make_mask(kind, (batch, blocks, blocks), density, gen).to(device)
         executed = float(block_positions(mask, size, size, BLOCK_SIZE).sum()) / (batch * size * size)
         macs = block_conv2d_macs(mask, (size, size), BLOCK_SIZE, weight.shape)
-        break_even = block_break_even(x, weight, 1)  # the value auto uses here
+        break_even = block_break_even(x, weight, 1, dense_macs=conv2d_macs(batch, size, size, weight.shape))  # auto's
 
         def run(backend: str) -> torch.Tensor:
             return block_conv2d(x, mask, weight, bias, padding=1, block_size=BLOCK_SIZE, backend=backend)
@@ -298,7 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(["python -m benchmarks.bench_conv", *(argv if argv is not None else sys.argv[1:])]),
         "environment": env,
         "break_even_constants": {"sparse_conv2d": SPARSE_CONV2D_BREAK_EVEN, "block_conv2d": BLOCK_CONV2D_BREAK_EVEN,
-                                 "fused_cpu_kernel": FUSED_BREAK_EVEN},
+                                 "fused_cpu_kernel": FUSED_BREAK_EVEN,
+                                 "fused_cpu_kernel_large": {"dense_macs_from": FUSED_LARGE_MACS,
+                                                            "break_even": FUSED_LARGE_BREAK_EVEN}},
         "native_cpu_kernel": _native.usable(torch.zeros(1), torch.zeros(1)),
         "break_even_measured": {op: break_even_estimate(rows, op) for op in ("sparse_conv2d", "block_conv2d")},
         "rows": rows,

@@ -178,11 +178,11 @@ def _cpu_block_route(x: Tensor, weight: Tensor, groups: int, fused: bool | None 
     return "windows" if output_format(x) == torch.channels_last else "im2col"
 
 
-def block_break_even(x: Tensor, weight: Tensor, groups: int, fused: bool | None = None) -> float:
-    """``auto``'s break-even density for these arguments: the fused kernel's where the im2col route
-    runs it, else the per-device value of ``BLOCK_CONV2D_BREAK_EVEN``."""
+def block_break_even(x: Tensor, weight: Tensor, groups: int, fused: bool | None = None, dense_macs: int = 0) -> float:
+    """``auto``'s break-even density for these arguments: the fused kernel's (by ``dense_macs``, the dense
+    conv's MACs) where the im2col route runs it, else the per-device value of ``BLOCK_CONV2D_BREAK_EVEN``."""
     if x.is_cpu and _cpu_block_route(x, weight, groups, fused) == "im2col":
-        return cpu_break_even(x, weight, groups, BLOCK_CONV2D_BREAK_EVEN, fused)
+        return cpu_break_even(x, weight, groups, BLOCK_CONV2D_BREAK_EVEN, fused, dense_macs)
     return BLOCK_CONV2D_BREAK_EVEN.get(x.device.type, 1.0)
 
 
@@ -333,7 +333,8 @@ def block_conv2d(
     """
     key = _plans.signature(
         (x, block_mask, weight, bias, stride, padding, dilation, groups, block_size, backend),
-        (CPU_ROUTE, sparse_conv.CPU_ROUTE, sparse_conv.FUSED_BREAK_EVEN, tuple(BLOCK_CONV2D_BREAK_EVEN.items()),
+        (CPU_ROUTE, sparse_conv.CPU_ROUTE, sparse_conv.FUSED_BREAK_EVEN, sparse_conv.FUSED_LARGE_BREAK_EVEN,
+         sparse_conv.FUSED_LARGE_MACS, tuple(BLOCK_CONV2D_BREAK_EVEN.items()),
          output_format(x) if isinstance(x, Tensor) else None),  # (the route outside the fused kernel: layout)
     )
     plan = _plans.get(key)
@@ -366,5 +367,6 @@ def _block_plan(x: object, block_mask: object, weight: object, bias: object, str
         check_device("block_mask", block_mask, x.device)
     name = _backend.requested(backend)
     fused = fused_applies(x, weight, g.groups)
-    break_even = block_break_even(x, weight, g.groups, fused) if name == "auto" else 1.0
+    macs = conv2d_macs(g.batch, g.out_height, g.out_width, weight.shape)
+    break_even = block_break_even(x, weight, g.groups, fused, macs) if name == "auto" else 1.0
     return g, fused, name, break_even, planned_path(name, x.device, break_even)

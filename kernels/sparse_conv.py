@@ -69,10 +69,16 @@ from kernels._checks import (
 # slower than cuDNN at every measured density down to 0.05 (its ~0.22 ms per call is launch and
 # Python overhead), so ``auto`` always runs dense on CUDA; ``backend="triton"`` still forces it.
 SPARSE_CONV2D_BREAK_EVEN = {"cpu": 0.4, "cuda": 0.0}
-# The same where the CPU path is the fused native kernel: with it, ``bench_conv --quick`` (2 threads,
-# wall clock) measured the cpu path at 1.02-1.14x the dense conv at densities 0.75-0.9, so ``auto``
-# never falls back there.
+# The same where the CPU path is the fused native kernel, by the dense conv's size. The stored sweep
+# (``catalog/results/kernels/conv-cpu.json``: ``python -m benchmarks.bench_conv --repeats 10`` at 755a3c8,
+# 2 threads, wall clock, C in {64, 256}, 28/56 px, batch 1/8, random and clustered masks): convs of up
+# to ~460 M dense MACs (C=64 at 56 px batch 1, C=256 at 28 px batch 1, C=64 at 28 px batch 8) never lost
+# to oneDNN (1.00-1.25x at density 0.9), so ``auto`` never falls back there; from ~900 M MACs (C=64 at
+# 56 px batch 8, C=256 at 56 px, C=256 at 28 px batch 8) the kernel crossed the dense conv at densities
+# 0.61-0.92 (median 0.72).
 FUSED_BREAK_EVEN = 1.0
+FUSED_LARGE_BREAK_EVEN = 0.72
+FUSED_LARGE_MACS = 700_000_000  # dense MACs from which FUSED_LARGE_BREAK_EVEN applies (between the two groups)
 
 # CPU route for NCHW inputs: "fused" runs the native direct-conv kernel (``_native.c``: float32,
 # groups=1, AVX-512; otherwise "nchw" runs); "nchw" gathers channel-major patches from an NCHW copy
@@ -302,12 +308,19 @@ def fused_applies(x: Tensor, weight: Tensor, groups: int) -> bool:
     return CPU_ROUTE == "fused" and groups == 1 and _native.usable(x, weight)  # (usable: float32 on the CPU)
 
 
-def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, float], fused: bool | None = None) -> float:
-    """``auto``'s break-even density for these arguments: the fused kernel's, or the op's per device.
-    ``fused``: ``fused_applies(x, weight, groups)`` where the caller has it already."""
+def cpu_break_even(x: Tensor, weight: Tensor, groups: int, table: dict[str, float], fused: bool | None = None,
+                   dense_macs: int = 0) -> float:
+    """``auto``'s break-even density for these arguments: the fused kernel's (by ``dense_macs``, the dense
+    conv's MACs), or the op's per device. ``fused``: ``fused_applies(x, weight, groups)`` where the caller
+    has it already."""
     if fused_applies(x, weight, groups) if fused is None else fused:  # (CPU only)
-        return FUSED_BREAK_EVEN
+        return fused_break_even(dense_macs)
     return table.get(x.device.type, 1.0)
+
+
+def fused_break_even(dense_macs: int) -> float:
+    """The fused kernel's break-even density for a conv of ``dense_macs`` dense MACs (a pure function)."""
+    return FUSED_LARGE_BREAK_EVEN if dense_macs >= FUSED_LARGE_MACS else FUSED_BREAK_EVEN
 
 
 def fused_route(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None, g: ConvGeometry,
@@ -605,7 +618,8 @@ def sparse_conv2d(
     (a residual block's add without a zero-filled output and a separate pass over it).
     """
     key = _plans.signature((x, mask, weight, bias, residual, stride, padding, dilation, groups, backend),
-                           (CPU_ROUTE, FUSED_BREAK_EVEN, tuple(SPARSE_CONV2D_BREAK_EVEN.items())))
+                           (CPU_ROUTE, FUSED_BREAK_EVEN, FUSED_LARGE_BREAK_EVEN, FUSED_LARGE_MACS,
+                            tuple(SPARSE_CONV2D_BREAK_EVEN.items())))
     plan = _plans.get(key)
     if plan is None:
         plan = _plans.store(key, _sparse_plan(x, mask, weight, bias, residual, stride, padding, dilation, groups,
@@ -635,7 +649,8 @@ def _sparse_plan(x: object, mask: object, weight: object, bias: object, residual
         check_residual(residual, x, g)
     name = _backend.requested(backend)
     fused = fused_applies(x, weight, g.groups)
-    break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN, fused) if name == "auto" else 1.0
+    macs = conv2d_macs(g.batch, g.out_height, g.out_width, weight.shape)
+    break_even = cpu_break_even(x, weight, g.groups, SPARSE_CONV2D_BREAK_EVEN, fused, macs) if name == "auto" else 1.0
     return g, fused, name, break_even, planned_path(name, x.device, break_even)
 
 

@@ -505,7 +505,10 @@ def test_break_even_constants_are_fractions() -> None:
     for table in (sparse_mod.SPARSE_CONV2D_BREAK_EVEN, block_mod.BLOCK_CONV2D_BREAK_EVEN):
         assert set(table) == {"cpu", "cuda"}
         assert all(0.0 <= v <= 1.0 for v in table.values())
-    assert 0.0 <= sparse_mod.FUSED_BREAK_EVEN <= 1.0
+    assert 0.0 <= sparse_mod.FUSED_BREAK_EVEN <= 1.0 and 0.0 <= sparse_mod.FUSED_LARGE_BREAK_EVEN <= 1.0
+    large = sparse_mod.FUSED_LARGE_MACS
+    assert sparse_mod.fused_break_even(large - 1) == sparse_mod.FUSED_BREAK_EVEN
+    assert sparse_mod.fused_break_even(large) == sparse_mod.FUSED_LARGE_BREAK_EVEN
 
 
 def test_break_even_follows_the_route_that_would_run() -> None:
@@ -520,6 +523,28 @@ def test_break_even_follows_the_route_that_would_run() -> None:
     assert sparse_mod.cpu_break_even(x, torch.randn(4, 2, 3, 3), 2, table) == table["cpu"]
     cl = x.contiguous(memory_format=torch.channels_last)  # the fused kernel serves NHWC too
     assert sparse_mod.cpu_break_even(cl, weight, 1, table) == (sparse_mod.FUSED_BREAK_EVEN if fused else table["cpu"])
+    large = sparse_mod.FUSED_LARGE_MACS  # a large dense conv: the fused kernel's lower break-even
+    want = sparse_mod.FUSED_LARGE_BREAK_EVEN if fused else table["cpu"]
+    assert sparse_mod.cpu_break_even(x, weight, 1, table, dense_macs=large) == want
+    assert block_mod.block_break_even(x, weight, 1, dense_macs=large) == (
+        want if fused else block_mod.BLOCK_CONV2D_BREAK_EVEN["cpu"])
+
+
+def test_auto_falls_back_on_large_convs_at_high_density(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the fused kernel runs, a conv of at least FUSED_LARGE_MACS dense MACs falls back to dense above
+    FUSED_LARGE_BREAK_EVEN; a smaller one never does."""
+    from kernels import _native  # noqa: PLC0415
+
+    monkeypatch.delenv("DYNNET_KERNEL_BACKEND", raising=False)
+    x, weight = torch.randn(1, 4, 9, 9), torch.randn(4, 4, 3, 3)
+    if not _native.usable(x, weight):
+        return  # no fused kernel here: test_auto_falls_back_to_dense_above_break_even covers the routes
+    mask = torch.rand(1, 9, 9, generator=torch.Generator().manual_seed(0)) < 0.9
+    dense_macs, sparse_macs = conv2d_macs(1, 9, 9, weight.shape), sparse_conv2d_macs(mask, weight.shape)
+    assert executed_macs(lambda: sparse_conv2d(x, mask, weight, padding=1))[0] == sparse_macs
+    monkeypatch.setattr(sparse_mod, "FUSED_LARGE_MACS", dense_macs)  # this conv now counts as large
+    assert float(mask.float().mean()) > sparse_mod.FUSED_LARGE_BREAK_EVEN
+    assert executed_macs(lambda: sparse_conv2d(x, mask, weight, padding=1))[0] == dense_macs
 
 
 # --------------------------------------------------------------------------------------------------
