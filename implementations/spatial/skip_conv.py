@@ -169,7 +169,7 @@ class SkipConv2d(nn.Conv2d):
             if self.x0 is not None:
                 self.gates.append(torch.ones(z.shape[0], *z.shape[2:], dtype=torch.bool, device=z.device))
             if self.mode == "calibrate" and self.x0 is not None:
-                self.scores.append(norm_gate_score(x - self.x0, self).flatten())
+                self.scores.append(norm_gate_score(x - self.x0, self, self.weight_scale()).flatten())
         else:
             r = x - self.x0
             if self.mode == "oracle" and self.replay:
